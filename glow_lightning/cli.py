@@ -1,0 +1,128 @@
+"""The ``glow`` console script: a LightningCLI with glow-lightning's wiring.
+
+    glow fit --config configs/cifar.yaml
+    glow test --config configs/cifar.yaml --ckpt_path runs/cifar/checkpoints/last.ckpt
+
+- The datamodule's image shape, ``n_bits`` and class count are linked into the model, so they are
+  set once, on the data side.
+- The checkpoint callback is registered as ``checkpoint`` (not in ``trainer.callbacks``, which a
+  stacked config would replace), with its directory fixed at ``<default_root_dir>/checkpoints``.
+- With ``--ckpt_path``, the model's hyperparameters come from the checkpoint; a value set
+  explicitly (on the command line or in a config) that contradicts the checkpoint is an error.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+
+import fsspec
+import torch
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from typing_extensions import override
+
+from . import __version__
+from .checkpoint import GlowCheckpoint
+from .data import GlowDataModule
+from .module import CheckpointMismatchError, GlowModule
+
+LINKED_FROM_DATA = {
+    "num_channels": "in_channels",
+    "image_size": "image_size",
+    "n_bits": "n_bits",
+    "num_classes": "num_classes",
+}
+
+
+def checkpoint_dir(default_root_dir: str | None) -> str:
+    """The fixed checkpoint directory of a run: ``<default_root_dir>/checkpoints``."""
+    root = default_root_dir or os.getcwd()
+    return root.rstrip("/") + "/checkpoints"
+
+
+def load_checkpoint_hparams(path: str) -> dict:
+    """The model hyperparameters stored in a checkpoint, loaded without running any pickled code."""
+    with fsspec.open(path, "rb") as f:
+        ckpt = torch.load(f, map_location="cpu", weights_only=True)
+    return dict(ckpt.get("hyper_parameters", {}))
+
+
+class GlowCLI(LightningCLI):
+    """LightningCLI for glow-lightning (``glow --help``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"description": "Train and evaluate Glow normalizing flows."})
+        super().__init__(GlowModule, GlowDataModule, *args, subclass_mode_data=True, **kwargs)
+
+    @override
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        parser.add_argument("--version", action="version", version=f"glow {__version__}")
+        return parser
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(GlowCheckpoint, "checkpoint")
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
+        for data_attr, model_arg in LINKED_FROM_DATA.items():
+            parser.link_arguments(f"data.{data_attr}", f"model.{model_arg}", apply_on="instantiate")
+
+    @override
+    def _parse_ckpt_path(self) -> None:
+        """Take the model's hyperparameters from ``--ckpt_path``; refuse explicit values that contradict it."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+            return
+        try:
+            hparams = load_checkpoint_hparams(ckpt_path)
+        except FileNotFoundError:
+            self._parser(subcommand).error(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+        except Exception as err:  # truncated, corrupt, or holding code to run
+            self._parser(subcommand).error(f"--ckpt_path {ckpt_path}: not a readable glow checkpoint ({err})")
+        defaults = {k: p.default for k, p in inspect.signature(GlowModule.__init__).parameters.items()}
+        model_config = self.config[subcommand].model
+        conflicts, updates = [], {}
+        for key, saved in hparams.items():
+            if key not in defaults or key in LINKED_FROM_DATA.values():
+                continue  # linked values are checked against the checkpoint when it is loaded
+            given = model_config.get(key, defaults[key])
+            if given != defaults[key] and given != saved:
+                conflicts.append(f"--model.{key}={given!r} (checkpoint: {saved!r})")
+            updates[key] = saved
+        if conflicts:
+            self._parser(subcommand).error(
+                f"values given for {ckpt_path} contradict the checkpoint: {', '.join(conflicts)}. "
+                "Drop them, or pass the config the checkpoint was trained with."
+            )
+        for key, value in updates.items():
+            model_config[key] = value
+
+    @override
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:  # our constructors name the bad argument
+            self._parser(self.subcommand).error(str(err))
+
+
+def main(args: list[str] | None = None) -> GlowCLI | None:
+    """Entry point of the ``glow`` console script; ``args`` replaces ``sys.argv[1:]`` (tests)."""
+    try:
+        return GlowCLI(args=args)
+    except (FileExistsError, FileNotFoundError, CheckpointMismatchError) as err:
+        print(f"glow: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from err
+
+
+def entry() -> None:
+    """The ``glow`` console script (``main`` without a return value, which sys.exit would print)."""
+    main()
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,10 @@
+"""Pure-PyTorch Glow: layers, priors and the multi-scale flow. No Lightning import below here."""
+
+from .glow import Glow
+from .layers import ActNorm, CouplingLayer, FlowStep, InvConv1x1, Permute, squeeze, unsqueeze
+from .priors import SplitPrior, TopPrior
+
+__all__ = [
+    "ActNorm", "CouplingLayer", "FlowStep", "Glow", "InvConv1x1", "Permute", "SplitPrior", "TopPrior",
+    "squeeze", "unsqueeze",
+]  # fmt: skip

@@ -1,0 +1,53 @@
+"""Shared fixtures: a CIFAR-10 fixture in the real pickle format and one tiny trained checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("WANDB_MODE", "offline")  # no test may need a W&B account or the network
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from .fixtures import write_cifar10  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+
+
+def config(name: str) -> str:
+    return os.path.join(CONFIGS, name)
+
+
+def fit_args(data_dir: str, root_dir: str, *extra: str) -> list[str]:
+    """``glow fit`` arguments for the tiny debug setup on the CIFAR fixture."""
+    return [
+        "fit", "--config", config("cifar.yaml"), "--config", config("debug.yaml"),
+        "--data.data_dir", data_dir, "--data.download", "false", "--data.val_size", "8",
+        "--trainer.default_root_dir", root_dir, "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory) -> str:
+    """40 training + 10 test random images in ``cifar-10-batches-py`` format."""
+    return write_cifar10(str(tmp_path_factory.mktemp("cifar")))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(cifar_dir, tmp_path_factory) -> str:
+    """One tiny ``glow fit`` shared by every test that needs a checkpoint; returns its run directory."""
+    from glow_lightning.cli import main
+
+    root = str(tmp_path_factory.mktemp("tiny_run"))
+    main(fit_args(cifar_dir, root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_run) -> str:
+    return os.path.join(tiny_run, "checkpoints", "last.ckpt")

@@ -1,0 +1,205 @@
+"""The ``glow`` command: help, version, fit -> checkpoints -> test, resume, and bad input."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from glow_lightning import Glow
+from glow_lightning.cli import main
+from glow_lightning.module import GlowModule
+
+from .conftest import config, fit_args
+
+
+def run_cli(args: list[str]):
+    return main(args)
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for sub in ("fit", "validate", "test", "predict"):
+        assert sub in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["--version"])
+    assert exc.value.code == 0
+    assert re.match(r"glow \d+\.\d+", capsys.readouterr().out)
+
+
+def test_fit_help_documents_model_and_data_arguments(capsys):
+    with pytest.raises(SystemExit):
+        run_cli(["fit", "--help"])
+    out = capsys.readouterr().out
+    for flag in (
+        "--model.levels",
+        "--model.steps_per_level",
+        "--model.hidden_channels",
+        "--model.coupling",
+        "--model.permutation",
+        "--model.warmup_steps",
+        "--checkpoint.save_top_k",
+    ):
+        assert flag in out
+    assert "flow steps K per level" in out
+    assert "{adam,adamax}" in out or "adamax" in out
+
+
+def test_fit_writes_last_and_best_checkpoints(tiny_run):
+    files = sorted(os.listdir(os.path.join(tiny_run, "checkpoints")))
+    assert "last.ckpt" in files
+    assert any(re.match(r"epoch\d{3}-step\d{7}-bpd\d+\.\d{4}\.ckpt", f) for f in files), files
+
+
+def test_test_subcommand_reports_finite_bits_per_dim(cifar_dir, tiny_checkpoint, tmp_path):
+    cli = run_cli(
+        [
+            "test",
+            "--config",
+            config("cifar.yaml"),
+            "--config",
+            config("debug.yaml"),
+            "--data.data_dir",
+            cifar_dir,
+            "--data.download",
+            "false",
+            "--data.val_size",
+            "8",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--ckpt_path",
+            tiny_checkpoint,
+        ]
+    )
+    bpd = float(cli.trainer.callback_metrics["test/bpd"])
+    assert math.isfinite(bpd) and 7.0 < bpd < 9.0
+
+
+def test_checkpoint_holds_plain_hyperparameters_and_yields_a_pure_glow(tiny_checkpoint, cifar_dir):
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    assert ckpt["hyper_parameters"]["levels"] == 2
+    flow = Glow.from_checkpoint(tiny_checkpoint)
+    module = GlowModule.load_from_checkpoint(tiny_checkpoint, weights_only=True).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(flow.log_prob(x), module.flow.log_prob(x))
+    assert flow.is_initialized
+
+
+def test_resume_from_last_continues_the_step_count(tiny_run, cifar_dir, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run, run)
+    before = torch.load(os.path.join(run, "checkpoints", "last.ckpt"), weights_only=True)["global_step"]
+    cli = run_cli(fit_args(cifar_dir, run, "--ckpt_path", "last", "--trainer.max_epochs", "3"))
+    assert before == 8
+    assert cli.trainer.global_step == before + 4
+
+
+def test_new_fit_refuses_to_overwrite_an_earlier_run(tiny_run, cifar_dir, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run, run)
+    before = sorted(os.listdir(os.path.join(run, "checkpoints")))
+    with pytest.raises(SystemExit) as exc:
+        run_cli(fit_args(cifar_dir, run))
+    assert exc.value.code == 1
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "culprit"),
+    [
+        (["--model.coupling", "spline"], "model.coupling"),
+        (["--model.levels", "6"], "image_size=32 is not divisible by 2**levels=64"),
+        (["--data.n_bits", "12"], "n_bits"),
+        (["--model.n_bits", "5"], "model.n_bits"),  # linked from the data side
+        (["--trainer.max_epochs", "many"], "trainer.max_epochs"),
+    ],
+)
+def test_bad_config_value_exits_2_naming_the_key(cifar_dir, tmp_path, capsys, extra, culprit):
+    with pytest.raises(SystemExit) as exc:
+        run_cli(fit_args(cifar_dir, str(tmp_path), *extra))
+    assert exc.value.code == 2
+    assert culprit in capsys.readouterr().err
+
+
+def test_explicit_flag_contradicting_the_checkpoint_is_an_error(cifar_dir, tiny_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_cli(
+            [
+                "test",
+                "--config",
+                config("cifar.yaml"),
+                "--config",
+                config("debug.yaml"),
+                "--data.data_dir",
+                cifar_dir,
+                "--data.download",
+                "false",
+                "--data.val_size",
+                "8",
+                "--trainer.default_root_dir",
+                str(tmp_path),
+                "--ckpt_path",
+                tiny_checkpoint,
+                "--model.hidden_channels",
+                "32",
+            ]
+        )
+    assert exc.value.code == 2
+    assert "--model.hidden_channels=32 (checkpoint: 16)" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_architecture_names_the_difference(cifar_dir, tiny_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_cli(
+            [
+                "test",
+                "--config",
+                config("cifar.yaml"),
+                "--config",
+                config("debug.yaml"),
+                "--data.data_dir",
+                cifar_dir,
+                "--data.download",
+                "false",
+                "--data.val_size",
+                "8",
+                "--data.n_bits",
+                "5",
+                "--trainer.default_root_dir",
+                str(tmp_path),
+                "--ckpt_path",
+                tiny_checkpoint,
+            ]
+        )
+    assert exc.value.code == 1
+    assert "n_bits: checkpoint 8 vs this model 5" in capsys.readouterr().err
+
+
+def test_console_script_end_to_end(cifar_dir, tiny_checkpoint, tmp_path):
+    """The one real ``glow`` process of the suite: installed entry point, test bits/dim printed."""
+    glow = shutil.which("glow") or os.path.join(os.path.dirname(sys.executable), "glow")
+    out = subprocess.run(
+        [glow, "test", "--config", config("cifar.yaml"), "--config", config("debug.yaml"),
+         "--data.data_dir", cifar_dir, "--data.download", "false", "--data.val_size", "8",
+         "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+         "--ckpt_path", tiny_checkpoint],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    match = re.search(r"test/bpd\s+([0-9.]+)", out.stdout)
+    assert match and math.isfinite(float(match.group(1))), out.stdout[-2000:]

@@ -1,0 +1,92 @@
+"""CIFAR10DataModule on a fixture in the real ``cifar-10-batches-py`` format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glow_lightning.data import CIFAR10DataModule
+from glow_lightning.data.base import EVAL_STREAM
+
+
+def datamodule(cifar_dir, **kwargs) -> CIFAR10DataModule:
+    args = dict(data_dir=cifar_dir, download=False, val_size=8, batch_size=5, num_workers=0)
+    return CIFAR10DataModule(**{**args, **kwargs})
+
+
+def test_splits_shapes_and_labels(cifar_dir):
+    dm = datamodule(cifar_dir)
+    dm.setup("fit")
+    dm.setup("test")
+    assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [32, 8, 10]
+    item = dm.splits["train"][0]
+    assert item["pixels"].shape == (3, 32, 32) and item["pixels"].dtype == torch.uint8
+    assert 0 <= int(item["label"]) < 10
+    train_idx = set(dm.splits["train"].indices.tolist())
+    assert not train_idx & set(dm.splits["val"].indices.tolist())
+
+
+def test_split_is_seeded(cifar_dir):
+    a, b, c = datamodule(cifar_dir), datamodule(cifar_dir), datamodule(cifar_dir, seed=1)
+    for dm in (a, b, c):
+        dm.setup("fit")
+    assert torch.equal(a.splits["val"].indices, b.splits["val"].indices)
+    assert not torch.equal(a.splits["val"].indices, c.splits["val"].indices)
+
+
+@pytest.mark.parametrize("n_bits", [8, 5, 1])
+def test_dequantized_values_stay_in_their_bin(cifar_dir, n_bits):
+    dm = datamodule(cifar_dir, n_bits=n_bits)
+    dm.setup("fit")
+    raw = next(iter(dm.train_dataloader()))
+    batch = dm.prepare_batch(raw, train=False)
+    x, bins = batch["x"], batch["bins"]
+    assert x.shape == (5, 3, 32, 32) and x.dtype == torch.float32
+    assert torch.equal(bins, raw["pixels"].long() >> (8 - n_bits))
+    assert (x >= 0).all() and (x < 1).all()
+    lower = bins.float() / 2**n_bits
+    assert (x > lower).all() and (x < lower + 1 / 2**n_bits).all()
+    noise = (x - lower) * 2**n_bits
+    assert 0.3 < noise.mean() < 0.7
+
+
+def test_eval_noise_is_a_function_of_seed_and_index(cifar_dir):
+    dm = datamodule(cifar_dir)
+    bins = torch.randint(0, 256, (4, 3, 32, 32))
+    index = torch.tensor([3, 7, 11, 20])
+    a = dm.dequantize(bins, index)
+    assert torch.equal(a, dm.dequantize(bins, index))  # same run or another: same noise
+    assert torch.equal(a[1:3], dm.dequantize(bins[1:3], index[1:3]))  # independent of batching
+    assert not torch.equal(a, dm.dequantize(bins, index, stream=0))  # training streams differ
+    other = datamodule(cifar_dir, seed=5)
+    assert not torch.equal(a, other.dequantize(bins, index, EVAL_STREAM))
+
+
+def test_training_noise_and_flips_change_with_epoch(cifar_dir):
+    dm = datamodule(cifar_dir)
+    dm.setup("fit")
+    raw = next(iter(dm.val_dataloader()))
+    e0, e0_again, e1 = (dm.prepare_batch(raw, train=True, epoch=e) for e in (0, 0, 1))
+    assert torch.equal(e0["x"], e0_again["x"])
+    assert not torch.equal(e0["x"], e1["x"])
+    flipped = [not torch.equal(b, r) for b, r in zip(e0["bins"], raw["pixels"].long())]
+    assert any(flipped) or any(not torch.equal(b, r) for b, r in zip(e1["bins"], raw["pixels"].long()))
+    no_flip = datamodule(cifar_dir, flip=False).prepare_batch(raw, train=True)
+    assert torch.equal(no_flip["bins"], raw["pixels"].long())
+
+
+def test_missing_dataset_without_download_says_where_and_how(tmp_path):
+    dm = CIFAR10DataModule(data_dir=str(tmp_path / "nowhere"), download=False)
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*cifar-10-batches-py.*--data.download true"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [({"n_bits": 9}, "n_bits"), ({"batch_size": 0}, "batch_size")])
+def test_bad_datamodule_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        CIFAR10DataModule(**kwargs)
+
+
+def test_val_size_too_large_is_reported(cifar_dir):
+    with pytest.raises(ValueError, match="val_size=100"):
+        datamodule(cifar_dir, val_size=100).setup("fit")
