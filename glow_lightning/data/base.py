@@ -1,0 +1,227 @@
+"""The shared LightningDataModule of glow-lightning: quantization, augmentation, dequantization.
+
+Datasets yield raw uint8 pixels; everything random happens on the device, in
+``on_after_batch_transfer``, as a pure function of ``(seed, stream, image index)`` through a
+counter-based hash (in the spirit of Salmon et al., 2011, "Parallel random numbers: as easy as
+1, 2, 3"). So:
+
+- evaluation noise depends only on (seed, index): val/test bits/dim do not depend on the run, the
+  worker count or the number of devices;
+- training noise and flips depend on (seed, epoch, index): every rank draws its own (it sees other
+  images), and a resume from an epoch boundary replays them exactly.
+
+The batch handed to the model is a dict: ``x`` (dequantized floats in [0, 1]), ``bins`` (the
+noise-free integer bins, for code that draws its own noise), ``label`` and ``index``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+
+from ..flow.quantize import bins_to_unit, check_n_bits, pixels_to_bins
+
+_MASK32 = 0xFFFFFFFF
+EVAL_STREAM = 0x7FFF_FFF0  # noise stream of val / test / predict (training uses the epoch number)
+_FLIP_SALT = 0x68E3_1DA4
+
+
+def hash32(x: Tensor) -> Tensor:
+    """A 32-bit integer mixer (int64 tensors holding values < 2**32), vectorised on any device."""
+    x = x & _MASK32
+    x = ((x ^ (x >> 16)) * 0x045D9F3B) & _MASK32
+    x = ((x ^ (x >> 16)) * 0x045D9F3B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def item_keys(seed: int, stream: int, index: Tensor) -> Tensor:
+    """One 32-bit key per image from (seed, stream, index): (B,) int64."""
+    key = hash32(torch.full_like(index, seed & _MASK32))
+    key = hash32(key ^ (stream & _MASK32))
+    return hash32(key ^ (index & _MASK32))
+
+
+def uniform_from_keys(keys: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Per-key deterministic U(0, 1) noise of ``shape`` per key: (B,) -> (B, *shape), float32."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    pos = torch.arange(numel, device=keys.device, dtype=torch.int64)
+    h = hash32(keys[:, None] + pos * 0x9E3779B9)  # (B, numel)
+    u = ((h >> 8).float() + 0.5) / 2**24  # strictly inside (0, 1), exact in float32
+    return u.view(keys.shape[0], *shape)
+
+
+class IndexedDataset(Dataset):
+    """Wraps a dataset of ``(uint8 image (C, H, W), label)`` into dicts that carry the image index."""
+
+    def __init__(self, dataset: Dataset, indices: Tensor | None = None):
+        self.dataset = dataset
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices) if self.indices is not None else len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        index = int(self.indices[i]) if self.indices is not None else i
+        pixels, label = self.dataset[index]
+        return {"pixels": pixels, "label": label, "index": index}
+
+
+class EpochRandomSampler(RandomSampler):
+    """A RandomSampler whose order is a function of (seed, epoch): exact on resume.
+
+    Lightning calls ``set_epoch`` every epoch; under DDP it swaps this for a DistributedSampler,
+    which is seeded by epoch as well.
+    """
+
+    def __init__(self, data_source, seed: int = 0):
+        super().__init__(data_source)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(len(self.data_source), generator=g).tolist())
+
+
+class GlowDataModule(L.LightningDataModule):
+    """Base datamodule: subclasses provide ``train_set`` / ``test_set`` of uint8 images.
+
+    Args:
+        data_dir: where the dataset is, or is downloaded to.
+        download: download the dataset (through torchvision) if it is missing.
+        n_bits: bits per colour channel (1..8); linked into the model.
+        val_size: images held out of the training set for validation (seeded split).
+        batch_size: images per batch and per device (the effective batch is this x devices x
+            accumulate_grad_batches).
+        num_workers: DataLoader worker processes.
+        pin_memory: pin host memory for faster transfer to the GPU.
+        flip: random horizontal flips of training images.
+        seed: seed of the train/val split, the data order, the flips and the dequantization noise.
+        predict_split: the split that ``glow predict`` scores.
+    """
+
+    num_channels: int = 3
+    image_size: int = 32
+    num_classes: int = 0  # > 0 only for class-conditional training
+
+    def __init__(
+        self,
+        *,
+        data_dir: str = "data",
+        download: bool = True,
+        n_bits: int = 8,
+        val_size: int = 5000,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        flip: bool = True,
+        seed: int = 0,
+        predict_split: Literal["train", "val", "test"] = "test",
+    ):
+        super().__init__()
+        self.data_dir = os.path.expanduser(data_dir)
+        self.download = download
+        self.n_bits = check_n_bits(n_bits)
+        for name, value, low in (
+            ("val_size", val_size, 0),
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+        ):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        self.val_size, self.batch_size, self.num_workers = val_size, batch_size, num_workers
+        self.pin_memory, self.flip, self.seed, self.predict_split = pin_memory, flip, seed, predict_split
+        self.splits: dict[str, Dataset] = {}
+
+    # ---- what subclasses provide
+    def load_split(self, train: bool) -> Dataset:
+        """The full training (``train=True``) or test set: items ``(uint8 tensor (C, H, W), label)``."""
+        raise NotImplementedError
+
+    # ---- splits
+    def setup(self, stage: str | None = None) -> None:
+        if "train" not in self.splits:
+            full = self.load_split(train=True)
+            if self.val_size >= len(full):
+                raise ValueError(f"val_size={self.val_size} must be smaller than the training set ({len(full)} images)")
+            perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed))
+            cut = len(full) - self.val_size
+            self.splits["train"] = IndexedDataset(full, perm[:cut].sort().values)
+            self.splits["val"] = IndexedDataset(full, perm[cut:].sort().values)
+        if stage in ("test", "predict", None) and "test" not in self.splits:
+            self.splits["test"] = IndexedDataset(self.load_split(train=False))
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        dataset = self.splits[split]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochRandomSampler(dataset, self.seed) if train else None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            drop_last=train and len(dataset) > self.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        self.setup("predict")
+        return self._loader(self.predict_split)
+
+    # ---- quantization, augmentation, dequantization (on the device)
+    def dequantize(self, bins: Tensor, index: Tensor, stream: int = EVAL_STREAM) -> Tensor:
+        """Integer bins (B, C, H, W) -> ``(k + u) / 2**n_bits``, u ~ U(0, 1) a function of (seed, stream, index)."""
+        noise = uniform_from_keys(item_keys(self.seed, stream, index), tuple(bins.shape[1:]))
+        return bins_to_unit(bins, self.n_bits) + noise / 2**self.n_bits
+
+    def flip_images(self, bins: Tensor, index: Tensor, stream: int) -> Tensor:
+        """Mirror about half of the images left-right, as a function of (seed, stream, index)."""
+        flip = (hash32(item_keys(self.seed, stream, index) ^ _FLIP_SALT) & 1).bool()
+        return torch.where(flip[:, None, None, None], bins.flip(-1), bins)
+
+    def prepare_batch(self, batch: dict, train: bool, epoch: int = 0) -> dict:
+        """Raw collated batch -> ``{"x", "bins", "label", "index"}`` on the batch's device."""
+        index = batch["index"].long()
+        bins = pixels_to_bins(batch["pixels"], self.n_bits)
+        stream = epoch if train else EVAL_STREAM
+        if train and self.flip:
+            bins = self.flip_images(bins, index, stream)
+        return {"x": self.dequantize(bins, index, stream), "bins": bins, "label": batch["label"], "index": index}
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        trainer = self.trainer
+        train = trainer is not None and trainer.training
+        return self.prepare_batch(batch, train=train, epoch=trainer.current_epoch if train else 0)
+
+    def init_batch(self, num_images: int, device: torch.device | str = "cpu") -> dict:
+        """A prepared batch of ``num_images`` training images for ActNorm's data-dependent init.
+
+        Different random images on each DDP rank (the statistics are all-reduced over ranks).
+        """
+        self.setup("fit")
+        train = self.splits["train"]
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        g = torch.Generator().manual_seed(self.seed * 7919 + rank)
+        picks = torch.randperm(len(train), generator=g)[:num_images].tolist()
+        loader = DataLoader(Subset(train, picks), batch_size=len(picks))
+        batch = next(iter(loader))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        return self.prepare_batch(batch, train=True, epoch=0)
