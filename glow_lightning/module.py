@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from .flow import Glow
@@ -37,7 +39,10 @@ class GlowModule(L.LightningModule):
         permutation: ``invconv_lu``, ``invconv``, ``reverse`` or ``shuffle``.
         learn_top: learn the top prior's mean and log-scale.
         n_bits: bits per colour channel (linked from the datamodule).
-        num_classes: > 0 for a class-conditional top prior (linked from the datamodule).
+        num_classes: > 0 for a class-conditional top prior and a classifier on the top latent
+            (linked from the datamodule: set ``--data.class_conditional true``).
+        y_weight: weight of the classifier's cross-entropy (in bits per image) added to the
+            bits/dim loss of a class-conditional model (paper section 5; 0.01 as in openai/glow).
         optimizer: ``adam`` (default) or ``adamax`` (as in openai/glow).
         lr: peak learning rate, reached after the warmup.
         weight_decay: L2 penalty added by the optimizer (0 = off).
@@ -60,6 +65,7 @@ class GlowModule(L.LightningModule):
         learn_top: bool = True,
         n_bits: int = 8,
         num_classes: int = 0,
+        y_weight: float = 0.01,
         optimizer: Literal["adam", "adamax"] = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -74,23 +80,38 @@ class GlowModule(L.LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps!r}")
         if init_batch_size < 1:
             raise ValueError(f"init_batch_size must be >= 1, got {init_batch_size!r}")
+        if not y_weight >= 0:
+            raise ValueError(f"y_weight must be >= 0, got {y_weight!r}")
         self.save_hyperparameters()
         self.flow = Glow(**{k: self.hparams[k] for k in ARCH_KEYS})
         self.train_bpd, self.val_bpd, self.test_bpd = BitsPerDim(), BitsPerDim(), BitsPerDim()
+        if num_classes:  # classification accuracy of the top-latent classifier
+            self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+            self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     # ------------------------------------------------------------------ steps
     def _labels(self, batch: dict) -> torch.Tensor | None:
         return batch["label"] if self.flow.num_classes else None
 
     def _shared_step(self, batch: dict, stage: str) -> torch.Tensor:
-        log_prob = self.flow.log_prob(batch["x"], self._labels(batch))  # (B,) nats
+        log_prob, logits = self.flow.log_prob_and_logits(batch["x"], self._labels(batch))  # (B,) nats
         metric = getattr(self, f"{stage}_bpd")
         if stage == "train":
             metric(log_prob, self.flow.dims, self.flow.n_bits)  # forward: keeps the batch value for on_step
         else:
             metric.update(log_prob, self.flow.dims, self.flow.n_bits)
         self.log(f"{stage}/bpd", metric, on_step=stage == "train", on_epoch=True, prog_bar=True)
-        return (-log_prob / (self.flow.dims * math.log(2))).mean() + self.flow.n_bits
+        loss = (-log_prob / (self.flow.dims * math.log(2))).mean() + self.flow.n_bits
+        if logits is not None:  # class-conditional: + y_weight * cross-entropy in bits
+            y_bits = F.cross_entropy(logits, batch["label"].long()) / math.log(2)
+            if stage == "train":
+                self.log("train/y_bits", y_bits, on_step=True, on_epoch=True)
+            else:
+                accuracy = getattr(self, f"{stage}_acc")
+                accuracy.update(logits, batch["label"])
+                self.log(f"{stage}/acc", accuracy, on_epoch=True)
+            loss = loss + self.hparams.y_weight * y_bits
+        return loss
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -34,3 +34,92 @@ def write_cifar10(root: str, per_batch: int = 8, test_size: int = 10, seed: int 
             f,
         )
     return root
+
+
+def write_idx(path: str, array: np.ndarray, gz: bool = False) -> None:
+    """An idx file of unsigned bytes (MNIST's format): magic 0x0000 0x08 ndim, big-endian sizes, data."""
+    import gzip
+
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">i4").tobytes()
+    opener = gzip.open if gz else open
+    with opener(path + (".gz" if gz else ""), "wb") as f:
+        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def write_mnist(root: str, name: str = "MNIST", train_size: int = 30, test_size: int = 10, gz: bool = False) -> str:
+    """``root/<name>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` as torchvision stores them."""
+    rng = np.random.default_rng(1)
+    folder = os.path.join(root, name, "raw")
+    os.makedirs(folder, exist_ok=True)
+    for prefix, n in (("train", train_size), ("t10k", test_size)):
+        write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte"), rng.integers(1, 256, (n, 28, 28)), gz)
+        write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte"), np.arange(n) % 10, gz)
+    return root
+
+
+def write_svhn(root: str, train_size: int = 30, test_size: int = 10) -> str:
+    """``root/{train,test}_32x32.mat`` like the real files: X (32, 32, 3, N) uint8, y (N, 1) in 1..10."""
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(2)
+    os.makedirs(root, exist_ok=True)
+    for split, n in (("train", train_size), ("test", test_size)):
+        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        y = (np.arange(n) % 10 + 1).astype(np.uint8)[:, None]  # the digit 0 is stored as 10
+        savemat(os.path.join(root, f"{split}_32x32.mat"), {"X": x, "y": y})
+    return root
+
+
+CELEBA_ATTRS = ["5_o_Clock_Shadow", "Arched_Eyebrows", "Male", "Smiling", "Young"]
+
+
+def write_celeba(root: str, partition: tuple[int, int, int] = (12, 4, 5)) -> str:
+    """``root/celeba``: img_align_celeba/*.jpg (178x218), list_eval_partition.txt, list_attr_celeba.txt,
+    identity_CelebA.txt, as in the real download (fewer attributes). Image i is Smiling iff i is even."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    folder = os.path.join(root, "celeba")
+    os.makedirs(os.path.join(folder, "img_align_celeba"), exist_ok=True)
+    names, parts = [], []
+    for part, n in enumerate(partition):
+        parts += [part] * n
+    for i, _ in enumerate(parts, 1):
+        name = f"{i:06d}.jpg"
+        names.append(name)
+        Image.fromarray(rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)).save(
+            os.path.join(folder, "img_align_celeba", name), quality=90
+        )
+    with open(os.path.join(folder, "list_eval_partition.txt"), "w") as f:
+        f.writelines(f"{n} {p}\n" for n, p in zip(names, parts))
+    with open(os.path.join(folder, "list_attr_celeba.txt"), "w") as f:
+        f.write(f"{len(names)}\n" + " ".join(CELEBA_ATTRS) + " \n")
+        for i, n in enumerate(names, 1):
+            values = [1 if (a == "Smiling" and i % 2 == 0) or a == "Young" else -1 for a in CELEBA_ATTRS]
+            f.write(n + "".join(f" {v:2d}" for v in values) + "\n")
+    with open(os.path.join(folder, "identity_CelebA.txt"), "w") as f:
+        f.writelines(f"{n} {i % 7 + 1}\n" for i, n in enumerate(names))
+    return root
+
+
+def write_image_folder(root: str, classes: tuple[str, ...] = ("cats", "dogs"), per_class: int = 6) -> str:
+    """PNGs and JPEGs of mixed sizes, modes and aspect ratios in one subfolder per class (or loose when
+    ``classes`` is empty), plus a non-image file that must be skipped."""
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    sizes = [(40, 30), (25, 60), (64, 64), (100, 47)]
+    modes = ["RGB", "L", "RGBA", "P"]
+    for c, name in enumerate(classes or ("",)):
+        folder = os.path.join(root, name)
+        os.makedirs(folder, exist_ok=True)
+        for i in range(per_class):
+            w, h = sizes[(i + c) % len(sizes)]
+            img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            mode = modes[i % len(modes)]
+            img = img.convert(mode) if mode != "P" else img.quantize(16)
+            ext = ".jpg" if mode in ("RGB", "L") else ".png"
+            img.save(os.path.join(folder, f"img{i}{ext}"))
+        with open(os.path.join(folder, "notes.txt"), "w") as f:
+            f.write("not an image\n")
+    return root

@@ -16,6 +16,7 @@ noise-free integer bins, for code that draws its own noise), ``label`` and ``ind
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Literal
 
@@ -100,7 +101,9 @@ class GlowDataModule(L.LightningDataModule):
         data_dir: where the dataset is, or is downloaded to.
         download: download the dataset (through torchvision) if it is missing.
         n_bits: bits per colour channel (1..8); linked into the model.
-        val_size: images held out of the training set for validation (seeded split).
+        val_size: images held out of the training set for validation (seeded split): a count, or a
+            fraction of the training set when a float below 1. Ignored by datasets with their own
+            validation split (CelebA, an image folder with ``val/``).
         batch_size: images per batch and per device (the effective batch is this x devices x
             accumulate_grad_batches).
         num_workers: DataLoader worker processes.
@@ -108,11 +111,13 @@ class GlowDataModule(L.LightningDataModule):
         flip: random horizontal flips of training images.
         seed: seed of the train/val split, the data order, the flips and the dequantization noise.
         predict_split: the split that ``glow predict`` scores.
+        class_conditional: train a class-conditional model (paper section 5): the dataset's class
+            count is linked into the model as ``num_classes``. Off: unconditional (num_classes 0).
     """
 
     num_channels: int = 3
     image_size: int = 32
-    num_classes: int = 0  # > 0 only for class-conditional training
+    dataset_classes: int = 0  # the dataset's class count (0: no labels)
 
     def __init__(
         self,
@@ -120,46 +125,82 @@ class GlowDataModule(L.LightningDataModule):
         data_dir: str = "data",
         download: bool = True,
         n_bits: int = 8,
-        val_size: int = 5000,
+        val_size: int | float = 5000,
         batch_size: int = 64,
         num_workers: int = 4,
         pin_memory: bool = True,
         flip: bool = True,
         seed: int = 0,
         predict_split: Literal["train", "val", "test"] = "test",
+        class_conditional: bool = False,
     ):
         super().__init__()
         self.data_dir = os.path.expanduser(data_dir)
         self.download = download
         self.n_bits = check_n_bits(n_bits)
+        if isinstance(val_size, float) and not 0 <= val_size < 1:
+            raise ValueError(f"val_size must be an image count or a fraction in [0, 1), got {val_size!r}")
         for name, value, low in (
-            ("val_size", val_size, 0),
             ("batch_size", batch_size, 1),
             ("num_workers", num_workers, 0),
         ):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         self.val_size, self.batch_size, self.num_workers = val_size, batch_size, num_workers
+        if isinstance(val_size, int) and val_size < 0:
+            raise ValueError(f"val_size must be >= 0, got {val_size!r}")
         self.pin_memory, self.flip, self.seed, self.predict_split = pin_memory, flip, seed, predict_split
+        self.class_conditional = class_conditional
         self.splits: dict[str, Dataset] = {}
+
+    @property
+    def num_classes(self) -> int:
+        """The class count linked into the model: the dataset's when ``class_conditional``, else 0."""
+        if not self.class_conditional:
+            return 0
+        if self.dataset_classes < 1:
+            raise ValueError(
+                f"class_conditional=True needs class labels, but {type(self).__name__} has none here"
+                f"{self.no_labels_hint()}"
+            )
+        return self.dataset_classes
+
+    def no_labels_hint(self) -> str:
+        """Why this dataset has no labels and how to get some (appended to the class_conditional error)."""
+        return ""
 
     # ---- what subclasses provide
     def load_split(self, train: bool) -> Dataset:
         """The full training (``train=True``) or test set: items ``(uint8 tensor (C, H, W), label)``."""
         raise NotImplementedError
 
+    def load_val_split(self) -> Dataset | None:
+        """The dataset's own validation set, if it has one (CelebA); ``None``: hold one out of training."""
+        return None
+
     # ---- splits
     def setup(self, stage: str | None = None) -> None:
         if "train" not in self.splits:
             full = self.load_split(train=True)
-            if self.val_size >= len(full):
-                raise ValueError(f"val_size={self.val_size} must be smaller than the training set ({len(full)} images)")
-            perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed))
-            cut = len(full) - self.val_size
-            self.splits["train"] = IndexedDataset(full, perm[:cut].sort().values)
-            self.splits["val"] = IndexedDataset(full, perm[cut:].sort().values)
+            val = self.load_val_split()
+            if val is not None:  # a predefined split: val_size does not apply
+                self.splits["train"], self.splits["val"] = IndexedDataset(full), IndexedDataset(val)
+            else:
+                self._hold_out_val(full)
         if stage in ("test", "predict", None) and "test" not in self.splits:
             self.splits["test"] = IndexedDataset(self.load_split(train=False))
+
+    def _hold_out_val(self, full: Dataset) -> None:
+        """The seeded train / val split of ``full``: ``val_size`` images (or that fraction, at least 1)."""
+        val_size = self.val_size
+        if isinstance(val_size, float):
+            val_size = max(1, math.ceil(val_size * len(full))) if val_size > 0 else 0
+        if val_size >= len(full):
+            raise ValueError(f"val_size={self.val_size} must be smaller than the training set ({len(full)} images)")
+        perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed))
+        cut = len(full) - val_size
+        self.splits["train"] = IndexedDataset(full, perm[:cut].sort().values)
+        self.splits["val"] = IndexedDataset(full, perm[cut:].sort().values)
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self.splits[split]

@@ -40,6 +40,7 @@ class CIFAR10DataModule(GlowDataModule):
 
     num_channels = 3
     image_size = 32
+    dataset_classes = 10
 
     @property
     def folder(self) -> str:

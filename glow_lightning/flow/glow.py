@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .classifier import TopClassifier
 from .layers import ActNorm, Coupling, FlowStep, Permutation, squeeze, unsqueeze
 from .priors import SplitPrior, TopPrior, gaussian_log_prob, gaussian_sample
 from .quantize import bins_to_unit, check_n_bits, unit_to_bins
@@ -47,7 +48,8 @@ class Glow(nn.Module):
             ``reverse`` or ``shuffle`` (the paper's fixed-permutation ablations).
         learn_top: learn the top prior's per-position mean and log-scale.
         n_bits: bits per colour channel of the data (1..8); sets the bits/dim offset and sampling.
-        num_classes: 0 for an unconditional model; > 0 conditions the top prior on the label.
+        num_classes: 0 for an unconditional model; > 0 conditions the top prior on the label and adds
+            a classifier on the top latent (paper section 5).
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class Glow(nn.Module):
                 channels = kept
         self.latent_shapes.append((channels, size, size))
         self.top_prior = TopPrior(channels, size, learn_top, num_classes)
+        self.classifier = TopClassifier(channels, num_classes) if num_classes else None
 
     # ----------------------------------------------------------------- checks
     @property
@@ -184,6 +187,13 @@ class Glow(nn.Module):
         """
         prior_terms, logdet = self.log_prob_terms(x, labels)
         return torch.stack(prior_terms).sum(0) + logdet
+
+    def log_prob_and_logits(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """In one pass: log p(x | y) in nats (B,) and the top-latent classifier's logits (B, num_classes),
+        ``None`` for an unconditional model."""
+        latents, logdet, prior_terms = self._encode(x, labels)
+        logits = self.classifier(latents[-1]) if self.classifier is not None else None
+        return torch.stack(prior_terms).sum(0) + logdet, logits
 
     def bits_per_dim(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """Per-image bits/dim of the dequantized images x, shape (B,)."""
