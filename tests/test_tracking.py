@@ -55,10 +55,11 @@ def test_wandb_overlay_offline_logs_metrics_hyperparameters_and_config(cifar_dir
     root = str(tmp_path / "run")
     args = fit_args(cifar_dir, root, "--config", config("wandb.yaml"), "--trainer.max_epochs", "1")
     try:
-        cli = main([*args, "--trainer.logger.init_args.name", "tiny", "--trainer.logger.init_args.tags", "[test]"])
+        run_args = ["--trainer.logger.init_args.name", "tiny", "--trainer.logger.init_args.tags", "[test]"]
+        cli = main([*args, *run_args, "--trainer.logger.init_args.id", "tiny-1"])  # a fixed id: resumable
         assert isinstance(cli.trainer.logger, WandbLogger)
         run = cli.trainer.logger.experiment
-        assert (run.name, list(run.tags), run.project) == ("tiny", ["test"], "glow-lightning")
+        assert (run.name, list(run.tags), run.project, run.id) == ("tiny", ["test"], "glow-lightning", "tiny-1")
 
         keys = set().union(*logged["metrics"])
         for key in ("train/bpd_step", "train/lr", "train/grad_norm", "val/bpd", "train/bpd_epoch"):
