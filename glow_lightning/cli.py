@@ -26,6 +26,7 @@ from . import __version__
 from .checkpoint import GlowCheckpoint
 from .data import GlowDataModule
 from .module import CheckpointMismatchError, GlowModule
+from .tracking import LoggerSaveConfigCallback, wandb_save_dir_in_run
 
 LINKED_FROM_DATA = {
     "num_channels": "in_channels",
@@ -53,6 +54,7 @@ class GlowCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
         kwargs.setdefault("parser_kwargs", {"description": "Train and evaluate Glow normalizing flows."})
         super().__init__(GlowModule, GlowDataModule, *args, subclass_mode_data=True, **kwargs)
 
@@ -101,6 +103,11 @@ class GlowCLI(LightningCLI):
             )
         for key, value in updates.items():
             model_config[key] = value
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand:
+            wandb_save_dir_in_run(self.config[self.subcommand].trainer)
 
     @override
     def instantiate_classes(self) -> None:

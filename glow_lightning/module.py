@@ -125,6 +125,14 @@ class GlowModule(L.LightningModule):
         return loss
 
     @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the total L2 norm of the gradients (unscaled, already averaged over DDP ranks, before clipping)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:  # norms stay on the device: no host sync per parameter
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._shared_step(batch, "val")
 

@@ -23,6 +23,7 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
@@ -57,6 +58,10 @@ def uniform_from_keys(keys: Tensor, shape: tuple[int, ...]) -> Tensor:
     h = hash32(keys[:, None] + pos * 0x9E3779B9)  # (B, numel)
     u = ((h >> 8).float() + 0.5) / 2**24  # strictly inside (0, 1), exact in float32
     return u.view(keys.shape[0], *shape)
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class IndexedDataset(Dataset):
@@ -204,10 +209,18 @@ class GlowDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self.splits[split]
+        if train:
+            sampler = EpochRandomSampler(dataset, self.seed)  # Lightning shards it over DDP ranks
+        elif _world_size() > 1:
+            # Evaluation under DDP: every image exactly once over all ranks (Lightning's DistributedSampler
+            # would pad uneven sets with repeats and bias val/test bits/dim); ranks may differ by one image.
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+        else:
+            sampler = None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochRandomSampler(dataset, self.seed) if train else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
