@@ -2,6 +2,7 @@
 
     glow fit --config configs/cifar.yaml
     glow test --config configs/cifar.yaml --ckpt_path runs/cifar/checkpoints/last.ckpt
+    glow predict --config configs/cifar.yaml --ckpt_path runs/cifar/checkpoints/last.ckpt  # per-image CSV
 
 - The datamodule's image shape, ``n_bits`` and class count are linked into the model, so they are
   set once, on the data side.
@@ -25,7 +26,9 @@ from typing_extensions import override
 from . import __version__
 from .checkpoint import GlowCheckpoint
 from .data import GlowDataModule
+from .ema import GlowEMA
 from .module import CheckpointMismatchError, GlowModule
+from .prediction import LikelihoodWriter
 from .tracking import LoggerSaveConfigCallback, wandb_save_dir_in_run
 
 LINKED_FROM_DATA = {
@@ -34,6 +37,7 @@ LINKED_FROM_DATA = {
     "n_bits": "n_bits",
     "num_classes": "num_classes",
 }
+EVALUATION_ONLY = ("iw_samples",)  # model arguments a --ckpt_path does not override
 
 
 def checkpoint_dir(default_root_dir: str | None) -> str:
@@ -68,6 +72,8 @@ class GlowCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(GlowCheckpoint, "checkpoint")
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
+        parser.add_lightning_class_args(GlowEMA, "ema")  # off unless --ema.decay is set
+        parser.add_lightning_class_args(LikelihoodWriter, "prediction_writer")  # glow predict -> CSV
         for data_attr, model_arg in LINKED_FROM_DATA.items():
             parser.link_arguments(f"data.{data_attr}", f"model.{model_arg}", apply_on="instantiate")
 
@@ -90,7 +96,7 @@ class GlowCLI(LightningCLI):
         model_config = self.config[subcommand].model
         conflicts, updates = [], {}
         for key, saved in hparams.items():
-            if key not in defaults or key in LINKED_FROM_DATA.values():
+            if key not in defaults or key in LINKED_FROM_DATA.values() or key in EVALUATION_ONLY:
                 continue  # linked values are checked against the checkpoint when it is loaded
             given = model_config.get(key, defaults[key])
             if given != defaults[key] and given != saved:

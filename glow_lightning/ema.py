@@ -1,0 +1,169 @@
+"""GlowEMA: an exponential moving average of the weights, on Lightning's ``EMAWeightAveraging``.
+
+Lightning's callback keeps a ``torch.optim.swa_utils.AveragedModel`` of the whole LightningModule,
+updates it after every optimizer step, swaps it in for validation, copies it into the model when
+training ends and writes it to the checkpoint's ``state_dict`` (the raw weights go to
+``current_model_state``; a resumed fit restores both). So every consumer of a checkpoint
+(``glow test`` / ``predict`` / ``sample``, ``Glow.from_checkpoint``) gets the EMA weights.
+
+What this subclass adds for Glow:
+
+- Off unless ``decay`` is set (one config line: ``ema: {decay: 0.999}`` or ``--ema.decay 0.999``).
+- Exact averaging of buffers: ``lerp`` for floating-point tensors (exact for constant ones such as
+  the LU masks and signs) and a plain copy for the others (ActNorm's boolean ``initialized`` flag,
+  integer permutations), which an EMA formula would round or truncate.
+- No swap or copy before the first update (the average is then a copy taken before ActNorm's
+  data-dependent initialisation, e.g. during Lightning's sanity check).
+- :func:`averaged_weights`: a context manager for other callbacks (image grids) to run with the
+  EMA weights whenever they are not already swapped in.
+
+The 1x1 convolution's eval cache compares weights by value, so swaps through ``.data.copy_``
+(which do not bump tensor versions) still refresh its inverse and log-determinant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from typing_extensions import override
+
+
+def exact_ema(decay: float):
+    """``avg_fn`` for AveragedModel: EMA by lerp for float tensors, copy for bool / integer ones."""
+
+    @torch.no_grad()
+    def update(average: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        if average.is_floating_point():
+            return torch.lerp(average, current, 1.0 - decay)
+        return current.clone()
+
+    return update
+
+
+class GlowEMA(EMAWeightAveraging):
+    """Exponential moving average of the weights, used for validation, test, prediction and sampling.
+
+    Args:
+        decay: EMA decay per update (e.g. 0.999); None = EMA off.
+        update_every_n_steps: update the average every this many optimizer steps.
+        update_starting_at_step: first optimizer step (0-based) that updates the average (None = 0).
+        device: where to keep the average (None = the model's device; ``cpu`` saves GPU memory).
+    """
+
+    def __init__(
+        self,
+        *,
+        decay: float | None = None,
+        update_every_n_steps: int = 1,
+        update_starting_at_step: int | None = None,
+        device: str | None = None,
+    ):
+        if decay is not None and not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema decay must be in [0, 1), got {decay!r}")
+        if update_every_n_steps < 1:
+            raise ValueError(f"ema update_every_n_steps must be >= 1, got {update_every_n_steps!r}")
+        super().__init__(
+            device=device,
+            use_buffers=True,
+            decay=0.0 if decay is None else decay,
+            update_every_n_steps=update_every_n_steps,
+            update_starting_at_step=update_starting_at_step,
+        )
+        self.decay = decay
+        self._kwargs["avg_fn"] = exact_ema(decay or 0.0)  # replaces Lightning's get_ema_avg_fn (see module doc)
+        self.swapped = False  # True while the module holds the EMA weights and the average the raw ones
+
+    @property
+    def enabled(self) -> bool:
+        return self.decay is not None
+
+    def has_average(self) -> bool:
+        return self._average_model is not None and int(self._average_model.n_averaged) > 0
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.enabled:
+            super().setup(trainer, pl_module, stage)
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.enabled:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @override
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.enabled:
+            super().on_train_epoch_end(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.has_average():
+            if self.swapped:
+                self.swap(pl_module)
+            self._copy_average_to_current(pl_module)
+
+    def swap(self, pl_module: L.LightningModule) -> None:
+        """Exchange the module's weights with the average's (EMA in <-> raw in)."""
+        self._swap_models(pl_module)
+        self.swapped = not self.swapped
+
+    @override
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if self.has_average() and not self.swapped:
+            self.swap(pl_module)
+
+    @override
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.swapped:
+            self.swap(pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() if self.enabled else {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.enabled and "latest_update_step" in state_dict:
+            super().load_state_dict(state_dict)
+
+    @override
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if not self.has_average():
+            return
+        if not self.swapped:
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+            return
+        # the module holds the EMA weights (state_dict is already them); the raw ones are in the average
+        average_state = self._average_model.state_dict()
+        checkpoint["current_model_state"] = {
+            k[7:]: v.clone() for k, v in average_state.items() if k.startswith("module.")
+        }
+        checkpoint["averaging_state"] = {k: v for k, v in average_state.items() if not k.startswith("module.")}
+
+    @override
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        # outside fit there is no average to restore: the checkpoint's state_dict already holds the EMA weights
+        if self._average_model is not None:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+
+@contextlib.contextmanager
+def averaged_weights(trainer: L.Trainer, pl_module: L.LightningModule):
+    """Run the block with the EMA weights in ``pl_module`` when a GlowEMA holds an average that is not in use.
+
+    For callbacks that sample or reconstruct during fit; a no-op without EMA, outside fit (the
+    loaded weights are already the EMA ones) and while validation has swapped them in.
+    """
+    ema = next((c for c in trainer.callbacks if isinstance(c, GlowEMA)), None)
+    if ema is None or not ema.has_average() or ema.swapped:
+        yield
+        return
+    ema.swap(pl_module)
+    try:
+        yield
+    finally:
+        ema.swap(pl_module)

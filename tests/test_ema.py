@@ -1,0 +1,142 @@
+"""EMA weights: averaged != raw after training, used for evaluation, swapped safely, saved and resumed."""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import pytest
+import torch
+
+from glow_lightning.checkpoint import GlowCheckpoint
+from glow_lightning.data import CIFAR10DataModule
+from glow_lightning.ema import GlowEMA, averaged_weights, exact_ema
+from glow_lightning.module import GlowModule
+
+TINY = dict(levels=2, steps_per_level=1, hidden_channels=16, warmup_steps=1, init_batch_size=16, permutation="invconv")
+
+
+class Probe(L.Callback):
+    """Records the weights the module holds during validation and at the start of training."""
+
+    def __init__(self):
+        self.val_state = None
+        self.start = None
+
+    def on_validation_batch_end(self, trainer, pl_module, *args, **kwargs):
+        self.val_state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    def on_train_start(self, trainer, pl_module):
+        ema = next(c for c in trainer.callbacks if isinstance(c, GlowEMA))
+        self.start = (
+            {k: v.clone() for k, v in pl_module.state_dict().items()},
+            {k: v.clone() for k, v in ema._average_model.module.state_dict().items()},
+            int(ema._average_model.n_averaged),
+        )
+
+
+def fit(cifar_dir: str, root: str, max_steps: int, ckpt_path: str | None = None, probe: Probe | None = None):
+    torch.manual_seed(0)
+    model = GlowModule(**TINY, lr=1e-2)
+    dm = CIFAR10DataModule(data_dir=cifar_dir, download=False, val_size=8, batch_size=8, num_workers=0)
+    ema = GlowEMA(decay=0.5)
+    callbacks = [ema, GlowCheckpoint(dirpath=os.path.join(root, "checkpoints"), every_n_train_steps=2)]
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=max_steps, limit_val_batches=1, val_check_interval=2, num_sanity_val_steps=0,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        callbacks=callbacks + ([probe] if probe else []),
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return model, ema, trainer
+
+
+@pytest.fixture(scope="module")
+def ema_run(cifar_dir, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("ema"))
+    probe = Probe()
+    model, ema, trainer = fit(cifar_dir, root, max_steps=4, probe=probe)
+    ckpt = torch.load(os.path.join(root, "checkpoints", "last.ckpt"), weights_only=False)
+    return root, model, ema, probe, ckpt
+
+
+def flow_params(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k.startswith("flow.") and v.is_floating_point()}
+
+
+def test_averaged_weights_differ_from_raw_and_are_saved_as_state_dict(ema_run):
+    _, _, _, _, ckpt = ema_run
+    averaged, raw = flow_params(ckpt["state_dict"]), flow_params(ckpt["current_model_state"])
+    assert averaged.keys() == raw.keys()
+    assert any(not torch.equal(averaged[k], raw[k]) for k in averaged)
+    assert int(ckpt["averaging_state"]["n_averaged"]) == 4
+    # ActNorm's flag and the constant buffers survive averaging exactly
+    for key, value in ckpt["state_dict"].items():
+        if key.endswith("initialized"):
+            assert value.dtype == torch.bool and bool(value)
+
+
+def test_validation_and_the_final_model_use_the_averaged_weights(ema_run):
+    _, model, _, probe, ckpt = ema_run
+    for key, value in flow_params(ckpt["state_dict"]).items():
+        torch.testing.assert_close(probe.val_state[key], value, rtol=0, atol=0)  # validation saw the EMA
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)  # after fit: EMA copied in
+
+
+def test_swapping_weights_refreshes_the_cached_inverse_and_log_determinant(ema_run):
+    _, model, ema, _, ckpt = ema_run
+    model.eval()
+    x = torch.rand(2, 3, 32, 32)
+    fresh = GlowModule(**TINY)
+    fresh.load_state_dict(ckpt["current_model_state"])
+    fresh.eval()
+    with torch.no_grad():
+        before = model.flow.log_prob(x)  # fills the eval caches with the EMA weights
+        ema._average_model.module.load_state_dict(ckpt["current_model_state"])
+        ema.swap(model)  # Lightning's swap: .data.copy_, no tensor version bump
+        try:
+            after = model.flow.log_prob(x)
+            torch.testing.assert_close(after, fresh.flow.log_prob(x))
+            assert not torch.allclose(before, after)
+            latents, _ = model.flow.encode(x)
+            torch.testing.assert_close(model.flow.decode(latents), x, atol=1e-4, rtol=0)  # cached inverse refreshed
+        finally:
+            ema.swap(model)
+
+
+def test_averaged_weights_context_swaps_in_and_out(ema_run):
+    _, model, ema, _, ckpt = ema_run
+    trainer = L.Trainer(callbacks=[ema], logger=False)
+    model.load_state_dict(ckpt["current_model_state"])
+    ema._average_model.module.load_state_dict(ckpt["state_dict"])
+    key = next(iter(flow_params(ckpt["state_dict"])))
+    with averaged_weights(trainer, model):
+        assert torch.equal(model.state_dict()[key], ckpt["state_dict"][key])
+    assert torch.equal(model.state_dict()[key], ckpt["current_model_state"][key])
+
+
+@pytest.mark.slow
+def test_resume_restores_raw_and_averaged_weights(ema_run, cifar_dir):
+    root, _, _, _, ckpt = ema_run
+    probe = Probe()
+    fit(cifar_dir, root, max_steps=6, ckpt_path=os.path.join(root, "checkpoints", "last.ckpt"), probe=probe)
+    raw, averaged, n_averaged = probe.start
+    for key, value in flow_params(ckpt["current_model_state"]).items():
+        assert torch.equal(raw[key], value)
+        assert torch.equal(averaged[key], ckpt["state_dict"][key])
+    assert n_averaged == 4
+
+
+def test_exact_ema_copies_integer_and_boolean_buffers():
+    update = exact_ema(0.999)
+    perm = torch.tensor([5, 3, 1, 0, 2, 4])
+    assert torch.equal(update(perm.clone(), perm, None), perm)
+    assert update(torch.tensor(False), torch.tensor(True), None).item() is True
+    sign = torch.tensor([-1.0, 1.0, -1.0])
+    assert torch.equal(update(sign.clone(), sign, None), sign)  # constant float buffers stay exact
+    torch.testing.assert_close(update(torch.zeros(1), torch.ones(1), None), torch.tensor([0.001]))
+
+
+def test_ema_is_off_by_default_and_validates_decay():
+    assert not GlowEMA().enabled
+    with pytest.raises(ValueError, match="decay"):
+        GlowEMA(decay=1.5)
