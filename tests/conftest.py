@@ -32,6 +32,12 @@ def fit_args(data_dir: str, root_dir: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _seed_every_test():
+    """Each test starts from the same global RNG state, whatever ran before it."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def cifar_dir(tmp_path_factory) -> str:
     """40 training + 10 test random images in ``cifar-10-batches-py`` format."""
