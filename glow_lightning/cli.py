@@ -2,11 +2,15 @@
 
     glow fit --config configs/cifar.yaml
     glow test --config configs/cifar.yaml --ckpt_path runs/cifar/checkpoints/last.ckpt
+    glow sample --ckpt_path runs/cifar/checkpoints/last.ckpt --temperature 0.7 --output samples.png
 
 - The datamodule's image shape, ``n_bits`` and class count are linked into the model, so they are
   set once, on the data side.
 - The checkpoint callback is registered as ``checkpoint`` (not in ``trainer.callbacks``, which a
-  stacked config would replace), with its directory fixed at ``<default_root_dir>/checkpoints``.
+  stacked config would replace), with its directory fixed at ``<default_root_dir>/checkpoints``;
+  so are the image-grid callbacks (``samples``, ``reconstructions``, ``interpolations``).
+- ``sample``, ``reconstruct`` and ``interpolate`` are :class:`~glow_lightning.trainer.GlowTrainer`
+  methods; ``sample`` needs no datamodule (the image shape comes from the checkpoint).
 - With ``--ckpt_path``, the model's hyperparameters come from the checkpoint; a value set
   explicitly (on the command line or in a config) that contradicts the checkpoint is an error.
 """
@@ -23,9 +27,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from . import __version__
+from .callbacks import InterpolationImages, ReconstructionImages, SampleImages
 from .checkpoint import GlowCheckpoint
 from .data import GlowDataModule
 from .module import CheckpointMismatchError, GlowModule
+from .trainer import GlowTrainer
 
 LINKED_FROM_DATA = {
     "num_channels": "in_channels",
@@ -33,6 +39,8 @@ LINKED_FROM_DATA = {
     "n_bits": "n_bits",
     "num_classes": "num_classes",
 }
+IMAGE_SUBCOMMANDS = ("sample", "reconstruct", "interpolate")  # GlowTrainer methods
+NEEDS_NO_DATA = ("sample",)
 
 
 def checkpoint_dir(default_root_dir: str | None) -> str:
@@ -54,7 +62,23 @@ class GlowCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"description": "Train and evaluate Glow normalizing flows."})
+        kwargs.setdefault("trainer_class", GlowTrainer)
         super().__init__(GlowModule, GlowDataModule, *args, subclass_mode_data=True, **kwargs)
+
+    @override
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), **{name: {"model", "datamodule"} for name in IMAGE_SUBCOMMANDS}}
+
+    @override
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
+        if subcommand not in NEEDS_NO_DATA:
+            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        datamodule_class, self.datamodule_class = self.datamodule_class, None  # LightningCLI: data not required
+        try:
+            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        finally:
+            self.datamodule_class = datamodule_class
 
     @override
     def init_parser(self, **kwargs) -> LightningArgumentParser:
@@ -65,6 +89,9 @@ class GlowCLI(LightningCLI):
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(GlowCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(SampleImages, "samples")
+        parser.add_lightning_class_args(ReconstructionImages, "reconstructions")
+        parser.add_lightning_class_args(InterpolationImages, "interpolations")
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
         for data_attr, model_arg in LINKED_FROM_DATA.items():
             parser.link_arguments(f"data.{data_attr}", f"model.{model_arg}", apply_on="instantiate")
@@ -99,8 +126,19 @@ class GlowCLI(LightningCLI):
                 f"values given for {ckpt_path} contradict the checkpoint: {', '.join(conflicts)}. "
                 "Drop them, or pass the config the checkpoint was trained with."
             )
+        if self.config[subcommand].get("data") is None:  # `glow sample` alone: nothing to link from
+            updates.update({key: hparams[key] for key in LINKED_FROM_DATA.values() if key in hparams})
         for key, value in updates.items():
             model_config[key] = value
+
+    @override
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except ValueError as err:
+            if subcommand not in IMAGE_SUBCOMMANDS or isinstance(err, CheckpointMismatchError):
+                raise
+            self._parser(subcommand).error(str(err))  # a bad argument of ours: exit code 2
 
     @override
     def instantiate_classes(self) -> None:
