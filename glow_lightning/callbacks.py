@@ -90,7 +90,7 @@ def fixed_images(datamodule, split: Split, num_images: int, device: torch.device
     images every time (a split's images are in a fixed, seeded order).
     """
     if not hasattr(datamodule, "splits") or not hasattr(datamodule, "prepare_batch"):
-        raise ValueError(f"image grids need a glow_lightning datamodule, got {type(datamodule).__name__}")
+        raise ValueError(f"real images need a glow_lightning datamodule, got {type(datamodule).__name__}")
     if split not in datamodule.splits:
         datamodule.setup("test" if split == "test" else "validate")
     dataset = datamodule.splits[split]
@@ -118,14 +118,19 @@ class _EpochImages(Callback):
     def grids(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[tuple[str, Tensor, str]]:
         raise NotImplementedError
 
+    def images(self, trainer: L.Trainer, split: Split, num_images: int, device: torch.device) -> dict | None:
+        """Fixed images of the trainer's datamodule, or None (with a warning) where there are none."""
+        try:
+            return fixed_images(getattr(trainer, "datamodule", None), split, num_images, device)
+        except ValueError as err:
+            rank_zero_warn(f"{type(self).__name__}: no images ({err})")
+            return None
+
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.every_n_epochs or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         if not trainer.is_global_zero:
-            return
-        if getattr(trainer, "datamodule", None) is None:
-            rank_zero_warn(f"{type(self).__name__}: no datamodule, no images")
             return
         with eval_mode(pl_module):
             self.last_files = [
@@ -193,7 +198,9 @@ class ReconstructionImages(_EpochImages):
     @override
     def grids(self, trainer, pl_module):
         flow = pl_module.flow
-        batch = fixed_images(trainer.datamodule, self.split, self.num_images, flow.device)
+        batch = self.images(trainer, self.split, self.num_images, flow.device)
+        if batch is None:
+            return
         targets = batch["bins"].float() / 2**flow.n_bits
         recon = reconstruct(flow, batch["bins"], labels_of(flow, batch))
         grid = image_grid(side_by_side(targets, recon), flow.n_bits, 2 * self.pairs_per_row)
@@ -231,8 +238,8 @@ class InterpolationImages(_EpochImages):
     @override
     def grids(self, trainer, pl_module):
         flow = pl_module.flow
-        batch = fixed_images(trainer.datamodule, self.split, 2 * self.pairs, flow.device)
-        pairs = batch["bins"].shape[0] // 2
+        batch = self.images(trainer, self.split, 2 * self.pairs, flow.device)
+        pairs = batch["bins"].shape[0] // 2 if batch is not None else 0
         if pairs == 0:
             rank_zero_warn(f"InterpolationImages: the {self.split!r} split has fewer than 2 images")
             return

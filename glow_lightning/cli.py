@@ -103,6 +103,9 @@ class GlowCLI(LightningCLI):
         if not subcommand:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
+        if subcommand in IMAGE_SUBCOMMANDS and ckpt_path == "last":  # the run's own last.ckpt
+            ckpt_path = checkpoint_dir(self.config[subcommand].trainer.default_root_dir) + "/last.ckpt"
+            self.config[subcommand].ckpt_path = ckpt_path
         if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
             return
         try:

@@ -57,7 +57,7 @@ class GlowTrainer(L.Trainer):
         Args:
             model: the GlowModule (architecture from the checkpoint).
             datamodule: not needed; accepted so that a training config can be reused.
-            ckpt_path: checkpoint of a ``glow fit`` run.
+            ckpt_path: checkpoint of a ``glow fit`` run, or ``last`` (``<default_root_dir>/checkpoints/last.ckpt``).
             num_samples: number of images.
             temperature: prior temperature (0 = the prior means; 1 = the model's density).
             label: class to draw from, for a class-conditional model (0..num_classes - 1).
@@ -96,7 +96,7 @@ class GlowTrainer(L.Trainer):
         Args:
             model: the GlowModule (architecture from the checkpoint).
             datamodule: where the images come from.
-            ckpt_path: checkpoint of a ``glow fit`` run.
+            ckpt_path: checkpoint of a ``glow fit`` run, or ``last`` (``<default_root_dir>/checkpoints/last.ckpt``).
             num_images: number of images.
             split: ``val`` or ``test`` (or ``train``) split of the datamodule.
             pairs_per_row: (target, reconstruction) pairs per grid row.
@@ -130,7 +130,7 @@ class GlowTrainer(L.Trainer):
         Args:
             model: the GlowModule (architecture from the checkpoint).
             datamodule: where the images come from.
-            ckpt_path: checkpoint of a ``glow fit`` run.
+            ckpt_path: checkpoint of a ``glow fit`` run, or ``last`` (``<default_root_dir>/checkpoints/last.ckpt``).
             pairs: number of image pairs (grid rows).
             steps: images per row, both endpoints included (>= 2).
             method: ``linear`` or ``spherical`` (slerp) interpolation of every level's latents.

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
-from glow_lightning.callbacks import eval_mode, fixed_images, log_image_grid
+from glow_lightning.callbacks import InterpolationImages, ReconstructionImages, eval_mode, fixed_images, log_image_grid
 from glow_lightning.cli import main
 from glow_lightning.data import CIFAR10DataModule
 from glow_lightning.module import GlowModule
@@ -125,6 +125,16 @@ def test_eval_mode_restores_the_training_mode():
     assert module.training and torch.is_grad_enabled()
 
 
+def test_real_image_callbacks_skip_with_a_warning_without_images(cifar_dir):
+    module = GlowModule(levels=2, steps_per_level=1, hidden_channels=8)
+    no_val = CIFAR10DataModule(data_dir=cifar_dir, download=False, val_size=0)
+    for datamodule, reason in ((None, "need a glow_lightning datamodule"), (no_val, "'val' split is empty")):
+        trainer = SimpleNamespace(datamodule=datamodule)
+        for callback in (ReconstructionImages(), InterpolationImages()):
+            with pytest.warns(UserWarning, match=reason):
+                assert list(callback.grids(trainer, module)) == []
+
+
 # ---------------------------------------------------------------------------------------- subcommands
 @pytest.mark.slow
 def test_sample_needs_only_the_checkpoint_and_is_reproducible(tiny_checkpoint, tmp_path, capsys):
@@ -139,6 +149,15 @@ def test_sample_needs_only_the_checkpoint_and_is_reproducible(tiny_checkpoint, t
     assert first.shape == (2 * TILE + 2, 3 * TILE + 2, 3)
     assert np.array_equal(first, again)
     assert not np.array_equal(first, other)
+
+
+def test_ckpt_path_last_is_the_runs_last_checkpoint(tiny_run, tmp_path, capsys):
+    out = str(tmp_path / "last.png")
+    main(
+        ["sample", "--trainer.default_root_dir", tiny_run, "--ckpt_path", "last", "--num_samples", "1", "--output", out]
+    )
+    assert f"to {out}" in capsys.readouterr().out
+    assert png(out).shape == (TILE + 2, TILE + 2, 3)
 
 
 def test_reconstruct_writes_targets_beside_identical_reconstructions(tiny_checkpoint, cifar_dir, tmp_path, capsys):

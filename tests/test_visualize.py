@@ -109,7 +109,9 @@ def test_temperature_zero_decodes_the_prior_means():
     assert not torch.equal(s1, flow.sample(3, temperature=1.0, generator=torch.Generator().manual_seed(1)))
 
 
-@pytest.mark.parametrize(("n", "nrow", "padding", "rows"), [(10, 4, 2, 3), (8, 8, 2, 1), (6, 3, 0, 2), (3, 8, 1, 1)])
+@pytest.mark.parametrize(
+    ("n", "nrow", "padding", "rows"), [(10, 4, 2, 3), (8, 8, 2, 1), (6, 3, 0, 2), (3, 8, 1, 1), (1, 8, 2, 1)]
+)
 def test_grid_size_is_rows_by_columns_of_padded_images(n, nrow, padding, rows):
     images = bins_to_unit(random_bins(n, 5), 5)
     grid = image_grid(images, n_bits=5, nrow=nrow, padding=padding)
@@ -123,8 +125,11 @@ def test_grid_holds_display_values_and_white_padding():
     assert torch.equal(grid[:, 2:10, 2:10], bins[0].float() / 31)  # bin k -> k / (2**n_bits - 1)
     assert torch.equal(grid[:, 12:20, 12:20], bins[3].float() / 31)
     assert (grid[:, :2] == 1).all() and (grid[:, :, 10:12] == 1).all()
-    gray = image_grid(bins_to_unit(random_bins(2, 8, channels=1), 8), n_bits=8, nrow=2)
-    assert gray.shape == (3, 12, 22) and torch.equal(gray[0], gray[2])  # grayscale shown as RGB
+    for n, shape in ((2, (3, 12, 22)), (1, (3, 12, 12))):
+        gray = image_grid(bins_to_unit(random_bins(n, 8, channels=1), 8), n_bits=8, nrow=2)
+        assert gray.shape == shape and torch.equal(gray[0], gray[2])  # grayscale shown as RGB
+    lone = image_grid(bins_to_unit(bins[:1], 5), n_bits=5, padding=2)
+    assert torch.equal(lone[:, 2:10, 2:10], bins[0].float() / 31) and (lone[:, :2] == 1).all()
 
 
 def test_side_by_side_interleaves_targets_and_reconstructions():

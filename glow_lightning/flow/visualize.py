@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .glow import Glow
@@ -111,7 +112,12 @@ def image_grid(images: Tensor, n_bits: int, nrow: int = 8, padding: int = 2, pad
     """
     from torchvision.utils import make_grid
 
-    return make_grid(unit_to_image(images, n_bits).cpu(), nrow=nrow, padding=padding, pad_value=pad_value)
+    images = unit_to_image(images, n_bits).cpu()
+    if images.shape[1] == 1:  # grayscale shown as RGB
+        images = images.expand(-1, 3, -1, -1)
+    if images.shape[0] == 1:  # make_grid returns a lone image unpadded
+        return F.pad(images[0], (padding,) * 4, value=pad_value)
+    return make_grid(images, nrow=nrow, padding=padding, pad_value=pad_value)
 
 
 def side_by_side(targets: Tensor, reconstructions: Tensor) -> Tensor:
