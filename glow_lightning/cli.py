@@ -3,11 +3,15 @@
     glow fit --config configs/cifar.yaml
     glow test --config configs/cifar.yaml --ckpt_path runs/cifar/checkpoints/last.ckpt
     glow predict --config configs/cifar.yaml --ckpt_path runs/cifar/checkpoints/last.ckpt  # per-image CSV
+    glow sample --ckpt_path runs/cifar/checkpoints/last.ckpt --temperature 0.7 --output samples.png
 
 - The datamodule's image shape, ``n_bits`` and class count are linked into the model, so they are
   set once, on the data side.
 - The checkpoint callback is registered as ``checkpoint`` (not in ``trainer.callbacks``, which a
-  stacked config would replace), with its directory fixed at ``<default_root_dir>/checkpoints``.
+  stacked config would replace), with its directory fixed at ``<default_root_dir>/checkpoints``;
+  so are the image-grid callbacks (``samples``, ``reconstructions``, ``interpolations``).
+- ``sample``, ``reconstruct`` and ``interpolate`` are :class:`~glow_lightning.trainer.GlowTrainer`
+  methods; ``sample`` needs no datamodule (the image shape comes from the checkpoint).
 - With ``--ckpt_path``, the model's hyperparameters come from the checkpoint; a value set
   explicitly (on the command line or in a config) that contradicts the checkpoint is an error.
 """
@@ -24,12 +28,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from . import __version__
+from .callbacks import InterpolationImages, ReconstructionImages, SampleImages
 from .checkpoint import GlowCheckpoint
 from .data import GlowDataModule
 from .ema import GlowEMA
 from .module import CheckpointMismatchError, GlowModule
 from .prediction import LikelihoodWriter
 from .tracking import LoggerSaveConfigCallback, wandb_save_dir_in_run
+from .trainer import GlowTrainer
 
 LINKED_FROM_DATA = {
     "num_channels": "in_channels",
@@ -38,6 +44,8 @@ LINKED_FROM_DATA = {
     "num_classes": "num_classes",
 }
 EVALUATION_ONLY = ("iw_samples",)  # model arguments a --ckpt_path does not override
+IMAGE_SUBCOMMANDS = ("sample", "reconstruct", "interpolate")  # GlowTrainer methods
+NEEDS_NO_DATA = ("sample",)
 
 
 def checkpoint_dir(default_root_dir: str | None) -> str:
@@ -60,7 +68,23 @@ class GlowCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
         kwargs.setdefault("parser_kwargs", {"description": "Train and evaluate Glow normalizing flows."})
+        kwargs.setdefault("trainer_class", GlowTrainer)
         super().__init__(GlowModule, GlowDataModule, *args, subclass_mode_data=True, **kwargs)
+
+    @override
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), **{name: {"model", "datamodule"} for name in IMAGE_SUBCOMMANDS}}
+
+    @override
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
+        if subcommand not in NEEDS_NO_DATA:
+            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        datamodule_class, self.datamodule_class = self.datamodule_class, None  # LightningCLI: data not required
+        try:
+            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        finally:
+            self.datamodule_class = datamodule_class
 
     @override
     def init_parser(self, **kwargs) -> LightningArgumentParser:
@@ -71,6 +95,9 @@ class GlowCLI(LightningCLI):
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(GlowCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(SampleImages, "samples")
+        parser.add_lightning_class_args(ReconstructionImages, "reconstructions")
+        parser.add_lightning_class_args(InterpolationImages, "interpolations")
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
         parser.add_lightning_class_args(GlowEMA, "ema")  # off unless --ema.decay is set
         parser.add_lightning_class_args(LikelihoodWriter, "prediction_writer")  # glow predict -> CSV
@@ -84,6 +111,9 @@ class GlowCLI(LightningCLI):
         if not subcommand:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
+        if subcommand in IMAGE_SUBCOMMANDS and ckpt_path == "last":  # the run's own last.ckpt
+            ckpt_path = checkpoint_dir(self.config[subcommand].trainer.default_root_dir) + "/last.ckpt"
+            self.config[subcommand].ckpt_path = ckpt_path
         if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
             return
         try:
@@ -107,6 +137,8 @@ class GlowCLI(LightningCLI):
                 f"values given for {ckpt_path} contradict the checkpoint: {', '.join(conflicts)}. "
                 "Drop them, or pass the config the checkpoint was trained with."
             )
+        if self.config[subcommand].get("data") is None:  # `glow sample` alone: nothing to link from
+            updates.update({key: hparams[key] for key in LINKED_FROM_DATA.values() if key in hparams})
         for key, value in updates.items():
             model_config[key] = value
 
@@ -114,6 +146,15 @@ class GlowCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self.subcommand:
             wandb_save_dir_in_run(self.config[self.subcommand].trainer)
+
+    @override
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except ValueError as err:
+            if subcommand not in IMAGE_SUBCOMMANDS or isinstance(err, CheckpointMismatchError):
+                raise
+            self._parser(subcommand).error(str(err))  # a bad argument of ours: exit code 2
 
     @override
     def instantiate_classes(self) -> None:

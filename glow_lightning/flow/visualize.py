@@ -1,0 +1,125 @@
+"""What a trained Glow has learned, as images: reconstructions, latent interpolations, image grids.
+
+Pure PyTorch (plus ``torchvision.utils.make_grid``), no Lightning. Kingma & Dhariwal (2018):
+section 5 / figure 8 (samples at temperature T), figure 5 (linear interpolation in latent space
+between two real images). Spherical interpolation (slerp) follows White (2016), "Sampling
+Generative Networks", which argues it stays closer to the prior's typical set than a straight line.
+
+Real images are encoded noise-free at their bin centres, ``(k + 0.5) / 2**n_bits``, so the float
+error of decode(encode(x)) cannot cross a bin edge and reconstructions equal their inputs exactly
+after quantization (DESIGN.md, "The flow's contract").
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .glow import Glow
+from .quantize import bins_to_unit, unit_to_bins, unit_to_image
+
+Interpolation = Literal["linear", "spherical"]
+
+
+def quantize(x: Tensor, n_bits: int) -> Tensor:
+    """Flow floats -> the lower edge of their bin, ``k / 2**n_bits`` (what ``Glow.sample`` returns)."""
+    return bins_to_unit(unit_to_bins(x, n_bits), n_bits)
+
+
+@torch.no_grad()
+def encode_bins(flow: Glow, bins: Tensor, labels: Tensor | None = None) -> list[Tensor]:
+    """Integer bins (B, C, H, W) -> one latent per level, encoding the noise-free bin centres."""
+    latents, _ = flow.encode(bins_to_unit(bins, flow.n_bits, offset=0.5), labels)
+    return latents
+
+
+@torch.no_grad()
+def reconstruct(flow: Glow, bins: Tensor, labels: Tensor | None = None) -> Tensor:
+    """decode(encode(bin centres)), quantized: (B, C, H, W) bins -> images in [0, 1] (``k / 2**n_bits``)."""
+    return quantize(flow.decode(encode_bins(flow, bins, labels)), flow.n_bits)
+
+
+def lerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+    """Straight line between (B, ...) latents a and b at (S,) weights t -> (B, S, ...); t=0 is a, t=1 is b."""
+    t = t.view(1, -1, *([1] * (a.dim() - 1)))  # (1, S, 1, ..)
+    return (1 - t) * a[:, None] + t * b[:, None]
+
+
+def slerp(a: Tensor, b: Tensor, t: Tensor, eps: float = 1e-7) -> Tensor:
+    """Great-circle interpolation between (B, ...) latents, each flattened to a vector -> (B, S, ...).
+
+    The endpoints are exactly a and b; nearly parallel pairs fall back to :func:`lerp`.
+    """
+    flat_a, flat_b = a.flatten(1).double(), b.flatten(1).double()  # (B, N)
+    cos = (flat_a * flat_b).sum(1) / (flat_a.norm(dim=1) * flat_b.norm(dim=1)).clamp_min(eps)
+    omega = torch.acos(cos.clamp(-1, 1))[:, None]  # (B, 1)
+    tt = t.double()[None, :]  # (1, S)
+    sin = torch.sin(omega)
+    wa = torch.where(sin > eps, torch.sin((1 - tt) * omega) / sin, 1 - tt)  # (B, S)
+    wb = torch.where(sin > eps, torch.sin(tt * omega) / sin, tt)
+    wa = torch.where(tt == 0, 1.0, torch.where(tt == 1, 0.0, wa))  # exact endpoints
+    wb = torch.where(tt == 0, 0.0, torch.where(tt == 1, 1.0, wb))
+    shape = (*wa.shape, *([1] * (a.dim() - 1)))
+    out = wa.view(shape) * a.double()[:, None] + wb.view(shape) * b.double()[:, None]
+    return out.to(a.dtype)
+
+
+def interpolate_latents(
+    latents_a: list[Tensor], latents_b: list[Tensor], steps: int, method: Interpolation = "linear"
+) -> list[Tensor]:
+    """Interpolate every level's latents from a to b in ``steps`` points, both endpoints included.
+
+    Each level (P, C, H, W) -> (P * steps, C, H, W), pair-major: row p of a grid with ``steps``
+    columns runs from pair p's first image to its second.
+    """
+    if not isinstance(steps, int) or steps < 2:
+        raise ValueError(f"steps must be an integer >= 2 (both endpoints are included), got {steps!r}")
+    if method not in ("linear", "spherical"):
+        raise ValueError(f"method must be 'linear' or 'spherical', got {method!r}")
+    fn = lerp if method == "linear" else slerp
+    out = []
+    for a, b in zip(latents_a, latents_b):
+        t = torch.linspace(0, 1, steps, device=a.device, dtype=a.dtype)
+        out.append(fn(a, b, t).flatten(0, 1))  # (P, S, C, H, W) -> (P * S, C, H, W)
+    return out
+
+
+@torch.no_grad()
+def interpolate(
+    flow: Glow,
+    bins_a: Tensor,
+    bins_b: Tensor,
+    steps: int = 8,
+    method: Interpolation = "linear",
+    labels_a: Tensor | None = None,
+    labels_b: Tensor | None = None,
+) -> Tensor:
+    """Decode ``steps`` points between the latents of P pairs of images -> (P * steps, C, H, W), pair-major.
+
+    The first and last image of each row are the reconstructions of the pair's two images.
+    """
+    path = interpolate_latents(encode_bins(flow, bins_a, labels_a), encode_bins(flow, bins_b, labels_b), steps, method)
+    return quantize(flow.decode(path), flow.n_bits)
+
+
+def image_grid(images: Tensor, n_bits: int, nrow: int = 8, padding: int = 2, pad_value: float = 1.0) -> Tensor:
+    """Flow images (N, C, H, W) -> one (3, H', W') display grid in [0, 1], ``nrow`` images per row.
+
+    H' = rows * (H + padding) + padding, W' = min(nrow, N) * (W + padding) + padding.
+    """
+    from torchvision.utils import make_grid
+
+    images = unit_to_image(images, n_bits).cpu()
+    if images.shape[1] == 1:  # grayscale shown as RGB
+        images = images.expand(-1, 3, -1, -1)
+    if images.shape[0] == 1:  # make_grid returns a lone image unpadded
+        return F.pad(images[0], (padding,) * 4, value=pad_value)
+    return make_grid(images, nrow=nrow, padding=padding, pad_value=pad_value)
+
+
+def side_by_side(targets: Tensor, reconstructions: Tensor) -> Tensor:
+    """Interleave (N, ...) targets and reconstructions: (2N, ...) as target 0, reconstruction 0, target 1, ..."""
+    return torch.stack([targets, reconstructions], dim=1).flatten(0, 1)

@@ -1,0 +1,162 @@
+"""GlowTrainer: Lightning's Trainer plus the ``glow sample / reconstruct / interpolate`` subcommands.
+
+LightningCLI turns each method's typed arguments and docstring into ``glow <subcommand> --help``
+(DESIGN.md: extra subcommands are Trainer methods). Each loads the weights of ``--ckpt_path``
+(``torch.load(weights_only=True)``: no code in the file runs), works on the trainer's root device
+(the GPU when there is one), writes one PNG grid and prints where. Sampling draws from torch's
+global generator, so ``--seed_everything S`` makes it reproducible.
+"""
+
+from __future__ import annotations
+
+import fsspec
+import lightning as L
+import torch
+
+from .callbacks import Split, fixed_images, labels_of, save_grid
+from .flow.visualize import Interpolation, image_grid, interpolate, reconstruct, side_by_side
+
+
+def load_weights(model: L.LightningModule, ckpt_path: str) -> None:
+    """Load a checkpoint's weights into ``model`` after checking the architecture (``on_load_checkpoint``)."""
+    with fsspec.open(ckpt_path, "rb") as f:
+        ckpt = torch.load(f, map_location="cpu", weights_only=True)
+    model.on_load_checkpoint(ckpt)
+    model.load_state_dict(ckpt["state_dict"])
+
+
+class GlowTrainer(L.Trainer):
+    """Lightning's Trainer with Glow's image subcommands (``glow sample``, ``reconstruct``, ``interpolate``)."""
+
+    def _prepare(self, model: L.LightningModule, ckpt_path: str) -> L.LightningModule:
+        load_weights(model, ckpt_path)
+        return model.to(self.strategy.root_device).eval()
+
+    def _write(self, grid: torch.Tensor, output: str, what: str) -> str:
+        save_grid(grid, output)
+        print(f"wrote {what} to {output}")
+        return output
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule | None = None,
+        *,
+        ckpt_path: str,
+        num_samples: int = 64,
+        temperature: float = 0.7,
+        label: int | None = None,
+        nrow: int = 8,
+        output: str = "samples.png",
+    ) -> str:
+        """Draw random images from a trained Glow and save them as a PNG grid.
+
+        Works with ``--ckpt_path`` alone: the architecture comes from the checkpoint.
+
+        Args:
+            model: the GlowModule (architecture from the checkpoint).
+            datamodule: not needed; accepted so that a training config can be reused.
+            ckpt_path: checkpoint of a ``glow fit`` run, or ``last`` (``<default_root_dir>/checkpoints/last.ckpt``).
+            num_samples: number of images.
+            temperature: prior temperature (0 = the prior means; 1 = the model's density).
+            label: class to draw from, for a class-conditional model (0..num_classes - 1).
+            nrow: images per grid row.
+            output: the PNG file to write.
+        """
+        flow = self._prepare(model, ckpt_path).flow
+        labels = None
+        if label is not None:
+            if not flow.num_classes:
+                raise ValueError(f"--label {label}: this model is unconditional (trained without class labels)")
+            if not 0 <= label < flow.num_classes:
+                raise ValueError(f"--label {label} is out of range: this model has classes 0..{flow.num_classes - 1}")
+            labels = torch.full((num_samples,), label, dtype=torch.long, device=flow.device)
+        elif flow.num_classes:  # one class per column
+            labels = torch.arange(num_samples, device=flow.device) % flow.num_classes
+        images = flow.sample(num_samples, temperature=temperature, labels=labels)
+        return self._write(image_grid(images, flow.n_bits, nrow), output, f"{num_samples} samples at T={temperature:g}")
+
+    @torch.no_grad()
+    def reconstruct(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule | None = None,
+        *,
+        ckpt_path: str,
+        num_images: int = 32,
+        split: Split = "val",
+        pairs_per_row: int = 4,
+        output: str = "reconstructions.png",
+    ) -> str:
+        """Encode and decode real images; save targets and reconstructions side by side as a PNG grid.
+
+        Images are the first ``num_images`` of the datamodule's ``split`` (set with ``--config`` or ``--data``).
+
+        Args:
+            model: the GlowModule (architecture from the checkpoint).
+            datamodule: where the images come from.
+            ckpt_path: checkpoint of a ``glow fit`` run, or ``last`` (``<default_root_dir>/checkpoints/last.ckpt``).
+            num_images: number of images.
+            split: ``val`` or ``test`` (or ``train``) split of the datamodule.
+            pairs_per_row: (target, reconstruction) pairs per grid row.
+            output: the PNG file to write.
+        """
+        flow = self._prepare(model, ckpt_path).flow
+        batch = self._images(datamodule, split, num_images, flow.device)
+        recon = reconstruct(flow, batch["bins"], labels_of(flow, batch))
+        targets = batch["bins"].float() / 2**flow.n_bits
+        grid = image_grid(side_by_side(targets, recon), flow.n_bits, 2 * pairs_per_row)
+        return self._write(grid, output, f"{len(recon)} {split} images and reconstructions")
+
+    @torch.no_grad()
+    def interpolate(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule | None = None,
+        *,
+        ckpt_path: str,
+        pairs: int = 4,
+        steps: int = 8,
+        method: Interpolation = "linear",
+        split: Split = "val",
+        output: str = "interpolations.png",
+    ) -> str:
+        """Decode images along paths between the latents of pairs of real images; one grid row per pair.
+
+        Image i of the datamodule's ``split`` is paired with image ``pairs + i``; each row holds ``steps``
+        images, the first and last being the two images' reconstructions.
+
+        Args:
+            model: the GlowModule (architecture from the checkpoint).
+            datamodule: where the images come from.
+            ckpt_path: checkpoint of a ``glow fit`` run, or ``last`` (``<default_root_dir>/checkpoints/last.ckpt``).
+            pairs: number of image pairs (grid rows).
+            steps: images per row, both endpoints included (>= 2).
+            method: ``linear`` or ``spherical`` (slerp) interpolation of every level's latents.
+            split: ``val`` or ``test`` (or ``train``) split of the datamodule.
+            output: the PNG file to write.
+        """
+        if pairs < 1 or steps < 2:
+            raise ValueError(f"--pairs must be >= 1 and --steps >= 2, got {pairs} and {steps}")
+        flow = self._prepare(model, ckpt_path).flow
+        batch = self._images(datamodule, split, 2 * pairs, flow.device)
+        if batch["bins"].shape[0] < 2 * pairs:
+            raise ValueError(
+                f"--pairs {pairs} needs {2 * pairs} images; the {split!r} split has {batch['bins'].shape[0]}"
+            )
+        labels = labels_of(flow, batch)
+        a, b = slice(0, pairs), slice(pairs, 2 * pairs)
+        images = interpolate(
+            flow, batch["bins"][a], batch["bins"][b], steps, method,
+            labels[a] if labels is not None else None, labels[b] if labels is not None else None,
+        )  # fmt: skip
+        return self._write(image_grid(images, flow.n_bits, steps), output, f"{pairs} {method} interpolations")
+
+    def _images(self, datamodule, split: str, num_images: int, device) -> dict:
+        if datamodule is None:
+            raise ValueError("this subcommand needs images: pass the training config (--config) or --data")
+        if num_images < 1:
+            raise ValueError(f"the number of images must be >= 1, got {num_images}")
+        datamodule.prepare_data()
+        return fixed_images(datamodule, split, num_images, device)
