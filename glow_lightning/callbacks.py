@@ -1,7 +1,7 @@
 """Image-grid callbacks: samples, reconstructions and latent interpolations during training.
 
 Each callback runs at the end of every ``every_n_epochs``-th training epoch, on rank 0 only, with the
-model in eval mode and no gradients (train mode is restored after), and hands its grids to
+model in eval mode, with the EMA weights when EMA is on, and no gradients (train mode is restored after), and hands its grids to
 :func:`log_image_grid`: to every active logger (W&B ``log_image``, TensorBoard ``add_image``) and,
 always, to a PNG file ``<default_root_dir>/images/<name>_epoch<NNN>.png``. The maths lives in
 :mod:`glow_lightning.flow.visualize`; the images come from the datamodule (fixed, deterministic
@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
+from .ema import averaged_weights
 from .flow.visualize import Interpolation, image_grid, interpolate, reconstruct, side_by_side
 
 Split = Literal["train", "val", "test"]
@@ -132,7 +133,7 @@ class _EpochImages(Callback):
             return
         if not trainer.is_global_zero:
             return
-        with eval_mode(pl_module):
+        with averaged_weights(trainer, pl_module), eval_mode(pl_module):  # EMA weights when they are on
             self.last_files = [
                 log_image_grid(trainer, name, grid, caption=caption)
                 for name, grid, caption in self.grids(trainer, pl_module)

@@ -140,3 +140,33 @@ def test_ema_is_off_by_default_and_validates_decay():
     assert not GlowEMA().enabled
     with pytest.raises(ValueError, match="decay"):
         GlowEMA(decay=1.5)
+
+
+def test_image_callbacks_draw_with_the_averaged_weights(cifar_dir, tmp_path):
+    from glow_lightning.callbacks import _EpochImages
+
+    class GridProbe(_EpochImages):
+        def grids(self, trainer, pl_module):
+            ema = next(c for c in trainer.callbacks if isinstance(c, GlowEMA))
+            self.inside = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            self.average = {k: v.clone() for k, v in ema._average_model.module.state_dict().items()}
+            return iter(())
+
+    class RawProbe(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args, **kwargs):
+            self.raw = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    torch.manual_seed(0)
+    grid_probe, raw_probe = GridProbe(every_n_epochs=1), RawProbe()
+    dm = CIFAR10DataModule(data_dir=cifar_dir, download=False, val_size=8, batch_size=8, num_workers=0)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, limit_val_batches=0, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(tmp_path),
+        callbacks=[GlowEMA(decay=0.5), raw_probe, grid_probe],
+    )  # fmt: skip
+    model = GlowModule(**TINY, lr=1e-2)
+    trainer.fit(model, datamodule=dm)
+    key = "flow.steps.0.0.coupling.net.0.weight"
+    assert not torch.equal(grid_probe.inside[key], raw_probe.raw[key])  # not the raw weights...
+    assert torch.equal(grid_probe.average[key], raw_probe.raw[key])  # ...those were swapped out
+    assert torch.equal(grid_probe.inside[key], model.state_dict()[key])  # the EMA, copied in at train end
