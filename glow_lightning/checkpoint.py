@@ -7,6 +7,10 @@
   auto-inserted metric name would make a subfolder.
 - A new fit (no ``--ckpt_path``) into a directory that already holds checkpoints stops with a
   message instead of overwriting an earlier run.
+- Checkpoints are written atomically and loaded with ``weights_only=True``
+  (:class:`~glow_lightning.checkpoint_io.AtomicCheckpointIO`, installed at setup in place of
+  Lightning's default); a fit first checks that the directory is writable and removes the temporary
+  files of a writer that was killed.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ from __future__ import annotations
 from typing import Literal
 
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
+
+from .checkpoint_io import AtomicCheckpointIO, check_writable, remove_stale_temporaries
 
 
 class GlowCheckpoint(ModelCheckpoint):
@@ -54,6 +61,15 @@ class GlowCheckpoint(ModelCheckpoint):
             every_n_train_steps=every_n_train_steps,
             auto_insert_metric_name=False,
         )
+
+    @override
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # leave custom / async IO alone
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if stage == "fit" and self.dirpath and trainer.is_global_zero:
+            check_writable(self.dirpath, "checkpoint directory")
+            remove_stale_temporaries(self.dirpath)
 
     @override
     def on_fit_start(self, trainer, pl_module) -> None:

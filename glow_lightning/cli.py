@@ -14,25 +14,33 @@
   methods; ``sample`` needs no datamodule (the image shape comes from the checkpoint).
 - With ``--ckpt_path``, the model's hyperparameters come from the checkpoint; a value set
   explicitly (on the command line or in a config) that contradicts the checkpoint is an error.
+- ``--ckpt_path last`` is resolved here to ``<checkpoint dir>/last.ckpt`` through fsspec, so it
+  also finds checkpoints on s3://, gs:// or memory:// (Lightning's own lookup drops the protocol).
+- User errors (bad values, missing or unreadable files, unwritable directories, a training run
+  stopped by the non-finite guard) end with a one-line ``glow: error: ...``, not a traceback.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import re
 import sys
 
-import fsspec
-import torch
+from fsspec.core import url_to_fs
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from . import __version__
 from .callbacks import InterpolationImages, ReconstructionImages, SampleImages
 from .checkpoint import GlowCheckpoint
+from .checkpoint_io import NotWritableError, UnreadableCheckpointError, check_writable, join, load_checkpoint_file
 from .data import GlowDataModule
+from .data.base import DatasetError
 from .ema import GlowEMA
+from .guard import NonFiniteTrainingError
 from .module import CheckpointMismatchError, GlowModule
+from .monitor import InvertibilityMonitor
 from .prediction import LikelihoodWriter
 from .tracking import LoggerSaveConfigCallback, wandb_save_dir_in_run
 from .trainer import GlowTrainer
@@ -56,9 +64,38 @@ def checkpoint_dir(default_root_dir: str | None) -> str:
 
 def load_checkpoint_hparams(path: str) -> dict:
     """The model hyperparameters stored in a checkpoint, loaded without running any pickled code."""
-    with fsspec.open(path, "rb") as f:
-        ckpt = torch.load(f, map_location="cpu", weights_only=True)
-    return dict(ckpt.get("hyper_parameters", {}))
+    return dict(load_checkpoint_file(path).get("hyper_parameters", {}))
+
+
+def find_last(dirpath: str) -> str | None:
+    """``<dirpath>/last.ckpt`` if it exists, on any fsspec filesystem."""
+    path = join(dirpath, "last.ckpt")
+    fs, target = url_to_fs(path)
+    return path if fs.exists(target) else None
+
+
+def condense(message: str) -> str:
+    """A jsonargparse error on one line: ``--key: reason (given value)``."""
+    key = re.match(r'Parser key "([^"]+)":', message)
+    lines = [line.strip() for line in message.splitlines()[1 if key else 0 :] if line.strip()]
+    if "Errors:" in lines:  # "Does not validate against any of the Union subtypes" -> the reasons
+        reasons = [x[2:] for x in lines if x.startswith("- ") and x != "- Expected a <class 'NoneType'>"]
+        given = [x[len("Given value: ") :] for x in lines if x.startswith("Given value:") and len(x) < 80]
+        lines = ["; ".join(reasons) + "".join(f", got {g}" for g in given)]
+    text = " ".join(lines)
+    return f"--{key.group(1)}: {text}" if key else text
+
+
+class GlowArgumentParser(LightningArgumentParser):
+    """A parser whose errors are one ``glow: error: ...`` line (and exit code 2), not a usage dump."""
+
+    @override
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # jsonargparse is probing: let it catch the exception
+            return super().error(message, ex)
+        subcommand = self.prog.split()[-1] if " [options] " in self.prog else ""
+        sys.stderr.write(f"glow: error: {condense(message)} (see: glow {subcommand} --help)\n".replace("  ", " "))
+        raise SystemExit(2)
 
 
 class GlowCLI(LightningCLI):
@@ -69,6 +106,7 @@ class GlowCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
         kwargs.setdefault("parser_kwargs", {"description": "Train and evaluate Glow normalizing flows."})
         kwargs.setdefault("trainer_class", GlowTrainer)
+        kwargs.setdefault("parser_class", GlowArgumentParser)
         super().__init__(GlowModule, GlowDataModule, *args, subclass_mode_data=True, **kwargs)
 
     @override
@@ -98,6 +136,7 @@ class GlowCLI(LightningCLI):
         parser.add_lightning_class_args(SampleImages, "samples")
         parser.add_lightning_class_args(ReconstructionImages, "reconstructions")
         parser.add_lightning_class_args(InterpolationImages, "interpolations")
+        parser.add_lightning_class_args(InvertibilityMonitor, "invertibility")
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
         parser.add_lightning_class_args(GlowEMA, "ema")  # off unless --ema.decay is set
         parser.add_lightning_class_args(LikelihoodWriter, "prediction_writer")  # glow predict -> CSV
@@ -111,17 +150,20 @@ class GlowCLI(LightningCLI):
         if not subcommand:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
-        if subcommand in IMAGE_SUBCOMMANDS and ckpt_path == "last":  # the run's own last.ckpt
-            ckpt_path = checkpoint_dir(self.config[subcommand].trainer.default_root_dir) + "/last.ckpt"
-            self.config[subcommand].ckpt_path = ckpt_path
-        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+        if ckpt_path == "last":
+            dirpath = self.config[subcommand].checkpoint.dirpath
+            ckpt_path = self.config[subcommand]["ckpt_path"] = find_last(dirpath)
+            if ckpt_path is None and subcommand != "fit":
+                self._parser(subcommand).error(f"--ckpt_path last: there is no {join(dirpath, 'last.ckpt')}")
+            # fit: nothing to resume yet, start from scratch (set-and-forget for preemptible jobs)
+        if not ckpt_path or ckpt_path in ("best", "hpc", "registry"):
             return
         try:
             hparams = load_checkpoint_hparams(ckpt_path)
         except FileNotFoundError:
             self._parser(subcommand).error(f"--ckpt_path {ckpt_path}: no such checkpoint file")
-        except Exception as err:  # truncated, corrupt, or holding code to run
-            self._parser(subcommand).error(f"--ckpt_path {ckpt_path}: not a readable glow checkpoint ({err})")
+        except UnreadableCheckpointError as err:  # truncated, corrupt, or holding code to run
+            self._parser(subcommand).error(f"--ckpt_path {err}")
         defaults = {k: p.default for k, p in inspect.signature(GlowModule.__init__).parameters.items()}
         model_config = self.config[subcommand].model
         conflicts, updates = [], {}
@@ -141,6 +183,14 @@ class GlowCLI(LightningCLI):
             updates.update({key: hparams[key] for key in LINKED_FROM_DATA.values() if key in hparams})
         for key, value in updates.items():
             model_config[key] = value
+
+    def _check_output_dirs(self) -> None:
+        """Fail early, naming the directory, when the run or checkpoint directory is not writable."""
+        check_writable(self.trainer.default_root_dir, "--trainer.default_root_dir")
+        if self.subcommand == "fit" and self.trainer.checkpoint_callback is not None:
+            check_writable(self.trainer.checkpoint_callback.dirpath, "--checkpoint.dirpath")
+
+    before_fit = before_validate = before_test = before_predict = _check_output_dirs
 
     @override
     def before_instantiate_classes(self) -> None:
@@ -168,7 +218,16 @@ def main(args: list[str] | None = None) -> GlowCLI | None:
     """Entry point of the ``glow`` console script; ``args`` replaces ``sys.argv[1:]`` (tests)."""
     try:
         return GlowCLI(args=args)
-    except (FileExistsError, FileNotFoundError, CheckpointMismatchError) as err:
+    except (
+        FileExistsError,
+        FileNotFoundError,
+        NotADirectoryError,
+        NotWritableError,
+        CheckpointMismatchError,
+        DatasetError,
+        UnreadableCheckpointError,
+        NonFiniteTrainingError,
+    ) as err:
         print(f"glow: error: {err}", file=sys.stderr)
         raise SystemExit(1) from err
 

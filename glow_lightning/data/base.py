@@ -34,6 +34,20 @@ EVAL_STREAM = 0x7FFF_FFF0  # noise stream of val / test / predict (training uses
 _FLIP_SALT = 0x68E3_1DA4
 
 
+class DatasetError(ValueError):
+    """A dataset that does not fit its datamodule (wrong image shape, too small, unreadable)."""
+
+
+def check_image_shape(dataset: Dataset, expected: tuple[int, int, int], where: str) -> None:
+    """Raise :class:`DatasetError` naming ``where`` unless the first image is ``expected`` (C, H, W)."""
+    shape = tuple(dataset[0][0].shape) if len(dataset) else expected
+    if shape != expected:
+        raise DatasetError(
+            f"images in {where} have shape {shape} (C, H, W), but this datamodule expects {expected}: "
+            "use a datamodule (or num_channels / image_size) that matches the dataset"
+        )
+
+
 def hash32(x: Tensor) -> Tensor:
     """A 32-bit integer mixer (int64 tensors holding values < 2**32), vectorised on any device."""
     x = x & _MASK32
@@ -187,13 +201,20 @@ class GlowDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if "train" not in self.splits:
             full = self.load_split(train=True)
+            check_image_shape(full, self.image_shape, f"the training set of {self.data_dir}")
             val = self.load_val_split()
             if val is not None:  # a predefined split: val_size does not apply
                 self.splits["train"], self.splits["val"] = IndexedDataset(full), IndexedDataset(val)
             else:
                 self._hold_out_val(full)
         if stage in ("test", "predict", None) and "test" not in self.splits:
-            self.splits["test"] = IndexedDataset(self.load_split(train=False))
+            test = self.load_split(train=False)
+            check_image_shape(test, self.image_shape, f"the test set of {self.data_dir}")
+            self.splits["test"] = IndexedDataset(test)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.num_channels, self.image_size, self.image_size)
 
     def _hold_out_val(self, full: Dataset) -> None:
         """The seeded train / val split of ``full``: ``val_size`` images (or that fraction, at least 1)."""
@@ -201,7 +222,7 @@ class GlowDataModule(L.LightningDataModule):
         if isinstance(val_size, float):
             val_size = max(1, math.ceil(val_size * len(full))) if val_size > 0 else 0
         if val_size >= len(full):
-            raise ValueError(f"val_size={self.val_size} must be smaller than the training set ({len(full)} images)")
+            raise DatasetError(f"val_size={self.val_size} must be smaller than the training set ({len(full)} images)")
         perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed))
         cut = len(full) - val_size
         self.splits["train"] = IndexedDataset(full, perm[:cut].sort().values)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from .base import GlowDataModule
+from .base import DatasetError, GlowDataModule
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -31,7 +31,7 @@ def read_cifar_batches(folder: str, names: list[str]) -> tuple[torch.Tensor, tor
             images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
         except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as err:
-            raise RuntimeError(f"cannot read CIFAR-10 batch file {path}: {err}") from err
+            raise DatasetError(f"cannot read CIFAR-10 batch file {path}: {err}") from err
     return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
 
 

@@ -1,0 +1,148 @@
+"""Checkpoint files that survive a kill, live on any fsspec filesystem and never run pickled code.
+
+- **Atomic writes.** A checkpoint is serialised in memory, written to a temporary file *beside* its
+  target (``.<name>.<random>.part``, same directory, so the same filesystem) and renamed over it.
+  A SIGKILL at any moment leaves either the old or the new file, never a truncated one. Lightning
+  2.6's ``_atomic_save`` writes through an fsspec transaction whose temporary file lies in the system
+  temp directory and is moved with ``shutil.move``: across filesystems that is a copy, and a kill
+  during the copy truncates the target. Object stores (s3, gcs) get a single upload instead, which
+  is atomic there. Temporaries of a killed writer are removed at the next fit
+  (:func:`remove_stale_temporaries`).
+- **Safe loading.** Every load goes through ``torch.load(weights_only=True)``: a checkpoint whose
+  pickle would run code is refused (glow checkpoints hold only tensors and plain types).
+- **Clear errors.** An unreadable (truncated, corrupt) checkpoint raises
+  :class:`UnreadableCheckpointError` naming the file; an unwritable directory raises
+  :class:`NotWritableError` naming it, before any training.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import re
+import uuid
+from typing import Any
+
+import torch
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import _is_object_storage
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from typing_extensions import override
+
+TEMP_PATTERN = re.compile(r"^\..+\.ckpt\.[0-9a-f]{12}\.part$")
+CHUNK = 1 << 24  # bytes per write call
+
+
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded: truncated, corrupt, or holding code to run."""
+
+
+class NotWritableError(OSError):
+    """An output directory (run or checkpoint directory) that cannot be written to."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first sentence of an exception's message (torch's unpickling errors span many lines)."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0].split('. ')[0] if text else ''}"
+
+
+def join(directory: str, name: str) -> str:
+    """``directory/name`` for local paths and URLs alike."""
+    return directory.rstrip("/") + "/" + name
+
+
+def _write_chunks(f, data: memoryview) -> None:
+    for start in range(0, len(data), CHUNK):
+        f.write(data[start : start + CHUNK])
+
+
+def atomic_write(path: str, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` (local path or fsspec URL) so that readers see all of it or none of it."""
+    fs, target = url_to_fs(str(path))
+    parent, name = posixpath.split(target)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if _is_object_storage(fs):
+        fs.pipe_file(target, bytes(data))  # an object appears only once its upload completes
+        return
+    temp = posixpath.join(parent, f".{name}.{uuid.uuid4().hex[:12]}.part")
+    try:
+        with fs.open(temp, "wb") as f:
+            _write_chunks(f, memoryview(data))
+            if isinstance(fs, LocalFileSystem):
+                f.flush()
+                os.fsync(f.fileno())
+        if isinstance(fs, LocalFileSystem):
+            os.replace(temp, target)  # atomic on POSIX and Windows, same directory = same filesystem
+        else:
+            fs.mv(temp, target)
+    except BaseException:
+        if fs.exists(temp):
+            fs.rm(temp)
+        raise
+
+
+def remove_stale_temporaries(directory: str) -> list[str]:
+    """Remove the ``.*.ckpt.*.part`` files that a killed writer left in ``directory``; return their names."""
+    fs, root = url_to_fs(str(directory))
+    if not fs.isdir(root):
+        return []
+    stale = [p for p in fs.ls(root, detail=False) if TEMP_PATTERN.match(posixpath.basename(p))]
+    for p in stale:
+        fs.rm(p)
+    return [posixpath.basename(p) for p in stale]
+
+
+def check_writable(path: str, what: str) -> None:
+    """Create ``path`` if needed and write a probe file there; raise :class:`NotWritableError` if that fails."""
+    try:
+        fs, root = url_to_fs(str(path))
+        fs.makedirs(root, exist_ok=True)
+        probe = posixpath.join(root, f".glow-write-check-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+        fs.pipe_file(probe, b"")
+        fs.rm(probe)
+    except OSError as err:
+        raise NotWritableError(f"{what} {path} is not writable ({first_line(err)})") from err
+
+
+def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:
+    """``torch.load(weights_only=True)`` of a local path or fsspec URL, with errors that name the file."""
+    fs, target = url_to_fs(str(path))
+    if not fs.exists(target):
+        raise FileNotFoundError(f"no such checkpoint file: {path}")
+    try:
+        with fs.open(target, "rb") as f:
+            ckpt = torch.load(f, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, corrupt pickle, or a pickle that would run code
+        raise UnreadableCheckpointError(
+            f"{path} is not a readable checkpoint (truncated, corrupt, or holding code, which is never run): "
+            f"{first_line(err)}"
+        ) from err
+    if not isinstance(ckpt, dict):
+        raise UnreadableCheckpointError(f"{path} is not a checkpoint (holds a {type(ckpt).__name__}, not a dict)")
+    return ckpt
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning CheckpointIO: atomic writes beside the target, ``weights_only=True`` loads, any fsspec URL.
+
+    :class:`~glow_lightning.checkpoint.GlowCheckpoint` installs it in place of Lightning's default.
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write(str(path), buffer.getbuffer())
+
+    @override
+    def load_checkpoint(
+        self, path, map_location: Any = lambda storage, loc: storage, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        # weights_only is forced: no glow checkpoint needs pickled code, so none is ever run
+        return load_checkpoint_file(str(path), map_location=map_location)

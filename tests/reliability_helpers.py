@@ -1,0 +1,79 @@
+"""Callbacks and datamodules for the reliability tests, importable by class path from ``glow`` configs."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import TensorDataset
+
+from glow_lightning.data import GlowDataModule
+
+
+class LrRecorder(L.Callback):
+    """Record (global_step, learning rate) before every optimizer step, and the step a fit starts at."""
+
+    def __init__(self):
+        self.lrs: list[tuple[int, float]] = []
+        self.start_step: int | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.start_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append((trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"]))
+
+
+class StopAfterEpoch(L.Callback):
+    """Stop a fit at the end of epoch ``epoch`` (as if it were interrupted there), keeping its config."""
+
+    def __init__(self, epoch: int = 0):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+class NanInput(L.Callback):
+    """Put a NaN into the batch of optimizer step ``step``; remember the parameters around it."""
+
+    def __init__(self, step: int = 5):
+        self.step = step
+        self.before: dict[int, torch.Tensor] = {}
+
+    def _params(self, pl_module) -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in pl_module.parameters()]).clone()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before[trainer.global_step] = self._params(pl_module)
+        if trainer.global_step == self.step:
+            batch["x"][0, 0, 0, 0] = float("nan")
+
+
+class NanLayer(L.Callback):
+    """From epoch ``epoch`` on, the coupling of the first step of level 1 outputs NaN on every batch."""
+
+    def __init__(self, epoch: int = 1):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            pl_module.flow.steps[1][0].coupling.register_forward_hook(lambda m, i, out: (out[0] * float("nan"), out[1]))
+
+
+class WrongSizeData(GlowDataModule):
+    """Declares 3x32x32 images but holds 1x28x28 ones (like a mis-configured dataset)."""
+
+    def load_split(self, train: bool) -> TensorDataset:
+        n = 16 if train else 4
+        return TensorDataset(torch.zeros(n, 1, 28, 28, dtype=torch.uint8), torch.zeros(n, dtype=torch.int64))
+
+
+class IndexRecorder(L.Callback):
+    """Record the image indices of every training batch."""
+
+    def __init__(self):
+        self.indices: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.indices.append(batch["index"].tolist())
