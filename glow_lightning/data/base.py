@@ -137,6 +137,7 @@ class GlowDataModule(L.LightningDataModule):
     num_channels: int = 3
     image_size: int = 32
     dataset_classes: int = 0  # the dataset's class count (0: no labels)
+    check_shapes: bool = True  # False where the dataset itself resizes every image to image_size
 
     def __init__(
         self,
@@ -201,7 +202,8 @@ class GlowDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if "train" not in self.splits:
             full = self.load_split(train=True)
-            check_image_shape(full, self.image_shape, f"the training set of {self.data_dir}")
+            if self.check_shapes:
+                check_image_shape(full, self.image_shape, f"the training set of {self.data_dir}")
             val = self.load_val_split()
             if val is not None:  # a predefined split: val_size does not apply
                 self.splits["train"], self.splits["val"] = IndexedDataset(full), IndexedDataset(val)
@@ -209,7 +211,8 @@ class GlowDataModule(L.LightningDataModule):
                 self._hold_out_val(full)
         if stage in ("test", "predict", None) and "test" not in self.splits:
             test = self.load_split(train=False)
-            check_image_shape(test, self.image_shape, f"the test set of {self.data_dir}")
+            if self.check_shapes:
+                check_image_shape(test, self.image_shape, f"the test set of {self.data_dir}")
             self.splits["test"] = IndexedDataset(test)
 
     @property

@@ -59,6 +59,8 @@ class CelebADataModule(GlowDataModule):
             ``val_size`` is ignored (CelebA has its own validation split).
     """
 
+    check_shapes = False  # every image is resized and cropped to image_size on loading
+
     num_channels = 3
 
     def __init__(

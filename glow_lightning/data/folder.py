@@ -116,6 +116,8 @@ class ImageFolderDataModule(GlowDataModule):
             ``download`` is ignored (there is nothing to download).
     """
 
+    check_shapes = False  # every image is resized and cropped to image_size on loading
+
     def __init__(
         self,
         *,
