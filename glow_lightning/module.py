@@ -15,7 +15,7 @@ import torch
 from typing_extensions import override
 
 from .flow import Glow
-from .flow.glow import ARCH_KEYS
+from .flow.glow import ARCH_KEYS, CompileMode
 from .flow.layers import Coupling, Permutation
 from .metrics import BitsPerDim
 
@@ -45,6 +45,9 @@ class GlowModule(L.LightningModule):
         schedule: after the warmup, keep the learning rate ``constant`` or decay it to zero with a
             ``cosine`` over the rest of training (needs max_steps or max_epochs).
         init_batch_size: training images used for ActNorm's data-dependent initialisation.
+        compile: ``torch.compile`` each flow step for training (``true`` or a mode: ``default``,
+            ``reduce-overhead``, ``max-autotune``); see BENCHMARKS.md.
+        memory_saving: recompute each flow step in the backward pass instead of storing its activations.
     """
 
     def __init__(
@@ -66,6 +69,8 @@ class GlowModule(L.LightningModule):
         warmup_steps: int = 1000,
         schedule: Literal["constant", "cosine"] = "constant",
         init_batch_size: int = 256,
+        compile: bool | CompileMode = False,
+        memory_saving: bool = False,
     ):
         super().__init__()
         if not lr > 0:
@@ -75,7 +80,7 @@ class GlowModule(L.LightningModule):
         if init_batch_size < 1:
             raise ValueError(f"init_batch_size must be >= 1, got {init_batch_size!r}")
         self.save_hyperparameters()
-        self.flow = Glow(**{k: self.hparams[k] for k in ARCH_KEYS})
+        self.flow = Glow(**{k: self.hparams[k] for k in ARCH_KEYS}, compile=compile, memory_saving=memory_saving)
         self.train_bpd, self.val_bpd, self.test_bpd = BitsPerDim(), BitsPerDim(), BitsPerDim()
 
     # ------------------------------------------------------------------ steps
