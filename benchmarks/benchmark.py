@@ -102,7 +102,7 @@ def count_flops(step) -> int:
     return counter.get_total_flops()
 
 
-def saved_bytes(model, x, dims, autocast) -> int:
+def saved_bytes(model, x, dims, autocast, loss_fn=None) -> int:
     """Bytes of the tensors autograd saves for backward in one forward (storage-deduplicated)."""
     storages = {}
 
@@ -113,7 +113,7 @@ def saved_bytes(model, x, dims, autocast) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
-        loss = bits_per_dim(model(x), dims)
+        loss = loss_fn(model(x)) if loss_fn else bits_per_dim(model(x), dims)
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     total = sum(n for ptr, n in storages.items() if ptr not in param_ptrs)
     loss.backward()
@@ -206,6 +206,15 @@ def main(argv=None):
                 rows[name]["times"].append(time.perf_counter() - t0)
             if device.type == "cuda":
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(device))
+
+    for name, model in models.items():
+        if "memory" in name and not args.no_activation_bytes:  # backward recomputes one flow step at a time
+            first = model.flow.steps[0][0]
+            h = torch.zeros(args.batch_size, first.actnorm.bias.shape[1], args.image_size // 2, args.image_size // 2)
+            one = saved_bytes(first, h.to(device), dims, autocast, loss_fn=lambda out: out[0].sum())
+            print(
+                f"# {name}: backward adds one recomputed level-1 flow step: {one / args.batch_size / 2**20:.2f} MiB/img"
+            )
 
     header = (
         f"{'impl':<22}{'step ms':>10}{'img/s':>10}{'TFLOP/s':>10}{'GFLOP/img':>11}{'act MiB/img':>13}{'peak MiB':>10}"
