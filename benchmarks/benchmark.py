@@ -230,9 +230,10 @@ def main(argv=None):
         print(f"{name:<22}{t * 1e3:>10.1f}{args.batch_size / t:>10.1f}{tflops:>10}{gflop:>11}{act:>13}{mem:>10}")
     if device.type == "cpu":
         print(f"# peak RSS of the whole process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
-    names = list(rows)
-    for name in names[1:]:
-        print(f"# throughput ratio {names[0]} / {name}: {rows[name]['median'] / rows[names[0]]['median']:.3f}")
+    base = "normflows" if "normflows" in rows else next(iter(rows))
+    for name in rows:
+        if name != base:
+            print(f"# throughput ratio {name} / {base}: {rows[base]['median'] / rows[name]['median']:.3f}")
     print("# warmup (incl. compile) s: " + ", ".join(f"{n} {r['warmup_s']:.1f}" for n, r in rows.items()))
     return rows
 
