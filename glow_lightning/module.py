@@ -21,7 +21,7 @@ from typing_extensions import override
 from .data.base import EVAL_STREAM
 from .flow import Glow
 from .flow.dequantization import VariationalDequantizer, dequantize, unit_noise
-from .flow.glow import ARCH_KEYS
+from .flow.glow import ARCH_KEYS, CompileMode
 from .flow.layers import Coupling, Permutation
 from .guard import NonFiniteTrainingError, first_nonfinite_gradient, first_nonfinite_layer, total_grad_norm
 from .metrics import BitsPerDim
@@ -62,6 +62,9 @@ class GlowModule(L.LightningModule):
         max_consecutive_skips: an optimizer step whose loss or gradients are not finite is skipped
             (counted as ``train/skipped_steps``); after this many skips in a row training stops with
             an error naming the step and the first layer whose output became non-finite.
+        compile: ``torch.compile`` each flow step for training (``true`` or a mode: ``default``,
+            ``reduce-overhead``, ``max-autotune``); see BENCHMARKS.md.
+        memory_saving: recompute each flow step in the backward pass instead of storing its activations.
     """
 
     def __init__(
@@ -87,6 +90,8 @@ class GlowModule(L.LightningModule):
         dequantization: Literal["uniform", "variational"] = "uniform",
         iw_samples: int = 0,
         max_consecutive_skips: int = 10,
+        compile: bool | CompileMode = False,
+        memory_saving: bool = False,
     ):
         super().__init__()
         if not lr > 0:
@@ -104,7 +109,7 @@ class GlowModule(L.LightningModule):
         if not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1:
             raise ValueError(f"max_consecutive_skips must be an integer >= 1, got {max_consecutive_skips!r}")
         self.save_hyperparameters()
-        self.flow = Glow(**{k: self.hparams[k] for k in ARCH_KEYS})
+        self.flow = Glow(**{k: self.hparams[k] for k in ARCH_KEYS}, compile=compile, memory_saving=memory_saving)
         self.train_bpd, self.val_bpd, self.test_bpd = BitsPerDim(), BitsPerDim(), BitsPerDim()
         self.test_bpd_iw = BitsPerDim()
         self.dequantizer = VariationalDequantizer(in_channels, n_bits) if dequantization == "variational" else None

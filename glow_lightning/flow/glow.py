@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .classifier import TopClassifier
 from .layers import ActNorm, Coupling, FlowStep, Permutation, squeeze, unsqueeze
@@ -26,6 +28,27 @@ ARCH_KEYS = (
     "in_channels", "image_size", "levels", "steps_per_level", "hidden_channels",
     "coupling", "permutation", "learn_top", "n_bits", "num_classes",
 )  # fmt: skip
+
+
+CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
+
+
+def _run_step(step: FlowStep, h: Tensor) -> tuple[Tensor, Tensor]:
+    return step(h)
+
+
+_compiled_steps: dict[str, object] = {}
+
+
+def _compiled_step(mode: str):
+    """One torch.compile'd flow step per mode, shared by every FlowStep of every Glow (regional compilation).
+
+    Parameters are graph inputs (dynamo inlines nn.Modules), so steps of the same shape share one graph:
+    compile time grows with the number of levels (shapes), not with K.
+    """
+    if mode not in _compiled_steps:
+        _compiled_steps[mode] = torch.compile(_run_step, mode=None if mode == "default" else mode, dynamic=False)
+    return _compiled_steps[mode]
 
 
 def _positive_int(name: str, value) -> int:
@@ -50,6 +73,12 @@ class Glow(nn.Module):
         n_bits: bits per colour channel of the data (1..8); sets the bits/dim offset and sampling.
         num_classes: 0 for an unconditional model; > 0 conditions the top prior on the label and adds
             a classifier on the top latent (paper section 5).
+        compile: ``torch.compile`` each flow step in training (regional: one graph per level shape, reused
+            by all K steps); ``True`` or a mode: ``default``, ``reduce-overhead`` (CUDA graphs), ``max-autotune``.
+            Evaluation and sampling stay eager.
+        memory_saving: in training with gradients, keep only each flow step's input and recompute the step
+            in the backward pass (per-step checkpointing): activation memory stops growing with K, at the
+            cost of one more forward per step.
     """
 
     def __init__(
@@ -65,6 +94,8 @@ class Glow(nn.Module):
         learn_top: bool = True,
         n_bits: int = 8,
         num_classes: int = 0,
+        compile: bool | CompileMode = False,
+        memory_saving: bool = False,
     ):
         args = dict(locals())
         super().__init__()
@@ -84,6 +115,15 @@ class Glow(nn.Module):
         self.in_channels, self.image_size, self.levels = in_channels, image_size, levels
         self.n_bits = check_n_bits(n_bits)
         self.num_classes = num_classes
+        if compile is True:
+            compile = "default"
+        if compile is not False and compile not in CompileMode.__args__:
+            raise ValueError(f"compile must be a bool or one of {CompileMode.__args__}, got {compile!r}")
+        if not isinstance(memory_saving, bool):
+            raise ValueError(f"memory_saving must be a bool, got {memory_saving!r}")
+        self.compile_mode: str | None = compile or None
+        self.memory_saving = memory_saving
+        self._initializing = False
         self.config = {k: args[k] for k in ARCH_KEYS}
 
         self.steps = nn.ModuleList()
@@ -140,13 +180,24 @@ class Glow(nn.Module):
         actnorms = [m for m in self.modules() if isinstance(m, ActNorm)]
         for m in actnorms:
             m.init_mode = True
+        self._initializing = True
         try:
             self._encode(x, labels)
         finally:
+            self._initializing = False
             for m in actnorms:
                 m.init_mode = False
 
     # ----------------------------------------------------------------- encode
+    def _step(self, step: FlowStep, h: Tensor) -> tuple[Tensor, Tensor]:
+        """One flow step in the training direction: eager, compiled and/or checkpointed."""
+        if not self.training or self._initializing:
+            return step(h)
+        run = _compiled_step(self.compile_mode) if self.compile_mode else _run_step
+        if self.memory_saving and torch.is_grad_enabled():
+            return checkpoint(run, step, h, use_reentrant=False)
+        return run(step, h)
+
     def _encode(self, x: Tensor, labels: Tensor | None = None) -> tuple[list[Tensor], Tensor, list[Tensor]]:
         """x -> (latents, logdet, per-level prior log-probs), all in one pass."""
         self._check_images(x)
@@ -157,7 +208,7 @@ class Glow(nn.Module):
         for level, steps in enumerate(self.steps):
             h = squeeze(h)  # (B, C, H, W) -> (B, 4C, H/2, W/2)
             for step in steps:
-                h, ld = step(h)
+                h, ld = self._step(step, h)
                 logdet = logdet + ld
             if level < self.levels - 1:
                 kept = self.split_priors[level].conv.conv.in_channels

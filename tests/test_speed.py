@@ -1,0 +1,105 @@
+"""The fast paths change nothing but speed and memory: compiled and memory-saving steps match eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glow_lightning import Glow
+from glow_lightning.cli import main
+from glow_lightning.flow import glow as glow_module
+
+from .conftest import fit_args
+
+TINY = dict(in_channels=3, image_size=8, levels=2, steps_per_level=2, hidden_channels=16)
+
+
+def loss_and_grads(flow: Glow, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    flow.zero_grad(set_to_none=True)
+    loss = flow.bits_per_dim(x).mean()
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in flow.named_parameters()}
+
+
+def twin(reference: Glow, **options) -> Glow:
+    """The same weights (ActNorm initialised from data and perturbed, so nothing is at its zero init)."""
+    flow = Glow(**{**reference.config, **options})
+    flow.load_state_dict(reference.state_dict())
+    return flow
+
+
+@pytest.fixture
+def reference() -> tuple[Glow, torch.Tensor]:
+    torch.manual_seed(0)
+    flow = Glow(**TINY)
+    x = torch.rand(4, 3, 8, 8)
+    flow.initialize(x)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return flow, x
+
+
+def assert_same_step(reference: Glow, fast: Glow, x: torch.Tensor, atol: float) -> None:
+    loss, grads = loss_and_grads(reference, x)
+    fast_loss, fast_grads = loss_and_grads(fast, x)
+    assert loss.item() > 0  # a real loss (bits/dim), not a degenerate one
+    assert torch.allclose(fast_loss, loss, atol=atol, rtol=0), (fast_loss, loss)
+    assert fast_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name  # every parameter gets a real gradient
+        assert torch.allclose(fast_grads[name], grad, atol=atol, rtol=1e-4), name
+
+
+def test_memory_saving_step_matches_eager(reference):
+    flow, x = reference
+    saving = twin(flow, memory_saving=True)
+    assert_same_step(flow, saving, x, atol=1e-6)
+
+
+def test_memory_saving_stores_less_for_backward(reference):
+    flow, x = reference
+    saving = twin(flow, memory_saving=True)
+
+    def saved_numel(model: Glow) -> int:
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            model.bits_per_dim(x).mean()
+        return sum(sizes)
+
+    assert saved_numel(saving) < saved_numel(flow) / 2
+
+
+def test_eval_mode_ignores_the_fast_paths(reference):
+    flow, x = reference
+    saving = twin(flow, memory_saving=True, compile=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(saving.log_prob(x), flow.eval().log_prob(x), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager_without_graph_breaks(reference):
+    flow, x = reference
+    explanation = torch._dynamo.explain(glow_module._run_step)(flow.steps[0][0], torch.randn(4, 12, 4, 4))
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = twin(flow, compile=True)
+    assert_same_step(flow, compiled, x, atol=1e-5)
+    assert_same_step(flow, twin(flow, compile=True, memory_saving=True), x, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [dict(compile="fast"), dict(memory_saving="yes")])
+def test_bad_speed_option_names_the_value(bad):
+    with pytest.raises(ValueError, match=repr(next(iter(bad.values())))):
+        Glow(**TINY, **bad)
+
+
+def test_cli_flags_reach_the_flow(cifar_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(fit_args(cifar_dir, str(tmp_path), "--model.compile", "reduce-overhead",
+                      "--model.memory_saving", "true", "--print_config"))  # fmt: skip
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "compile: reduce-overhead" in out and "memory_saving: true" in out
+    with pytest.raises(SystemExit) as exc:
+        main(fit_args(cifar_dir, str(tmp_path), "--model.compile", "fastest"))
+    assert exc.value.code == 2
