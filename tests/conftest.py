@@ -24,8 +24,13 @@ def config(name: str) -> str:
 
 def fit_args(data_dir: str, root_dir: str, *extra: str) -> list[str]:
     """``glow fit`` arguments for the tiny debug setup on the CIFAR fixture."""
+    return cli_args("fit", data_dir, root_dir, *extra)
+
+
+def cli_args(subcommand: str, data_dir: str, root_dir: str, *extra: str) -> list[str]:
+    """``glow <subcommand>`` arguments for the tiny debug setup on the CIFAR fixture."""
     return [
-        "fit", "--config", config("cifar.yaml"), "--config", config("debug.yaml"),
+        subcommand, "--config", config("cifar.yaml"), "--config", config("debug.yaml"),
         "--data.data_dir", data_dir, "--data.download", "false", "--data.val_size", "8",
         "--trainer.default_root_dir", root_dir, "--trainer.enable_progress_bar", "false",
         *extra,

@@ -16,7 +16,7 @@ from glow_lightning import Glow
 from glow_lightning.cli import main
 from glow_lightning.module import GlowModule
 
-from .conftest import config, fit_args
+from .conftest import cli_args, config, fit_args
 
 
 def run_cli(args: list[str]):
@@ -64,25 +64,7 @@ def test_fit_writes_last_and_best_checkpoints(tiny_run):
 
 
 def test_test_subcommand_reports_finite_bits_per_dim(cifar_dir, tiny_checkpoint, tmp_path):
-    cli = run_cli(
-        [
-            "test",
-            "--config",
-            config("cifar.yaml"),
-            "--config",
-            config("debug.yaml"),
-            "--data.data_dir",
-            cifar_dir,
-            "--data.download",
-            "false",
-            "--data.val_size",
-            "8",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--ckpt_path",
-            tiny_checkpoint,
-        ]
-    )
+    cli = run_cli(cli_args("test", cifar_dir, str(tmp_path), "--ckpt_path", tiny_checkpoint))
     bpd = float(cli.trainer.callback_metrics["test/bpd"])
     assert math.isfinite(bpd) and 7.0 < bpd < 9.0
 
@@ -138,25 +120,7 @@ def test_bad_config_value_exits_2_naming_the_key(cifar_dir, tmp_path, capsys, ex
 def test_explicit_flag_contradicting_the_checkpoint_is_an_error(cifar_dir, tiny_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         run_cli(
-            [
-                "test",
-                "--config",
-                config("cifar.yaml"),
-                "--config",
-                config("debug.yaml"),
-                "--data.data_dir",
-                cifar_dir,
-                "--data.download",
-                "false",
-                "--data.val_size",
-                "8",
-                "--trainer.default_root_dir",
-                str(tmp_path),
-                "--ckpt_path",
-                tiny_checkpoint,
-                "--model.hidden_channels",
-                "32",
-            ]
+            cli_args("test", cifar_dir, str(tmp_path), "--ckpt_path", tiny_checkpoint, "--model.hidden_channels", "32")
         )
     assert exc.value.code == 2
     assert "--model.hidden_channels=32 (checkpoint: 16)" in capsys.readouterr().err
@@ -164,27 +128,7 @@ def test_explicit_flag_contradicting_the_checkpoint_is_an_error(cifar_dir, tiny_
 
 def test_checkpoint_of_another_architecture_names_the_difference(cifar_dir, tiny_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        run_cli(
-            [
-                "test",
-                "--config",
-                config("cifar.yaml"),
-                "--config",
-                config("debug.yaml"),
-                "--data.data_dir",
-                cifar_dir,
-                "--data.download",
-                "false",
-                "--data.val_size",
-                "8",
-                "--data.n_bits",
-                "5",
-                "--trainer.default_root_dir",
-                str(tmp_path),
-                "--ckpt_path",
-                tiny_checkpoint,
-            ]
-        )
+        run_cli(cli_args("test", cifar_dir, str(tmp_path), "--data.n_bits", "5", "--ckpt_path", tiny_checkpoint))
     assert exc.value.code == 1
     assert "n_bits: checkpoint 8 vs this model 5" in capsys.readouterr().err
 
