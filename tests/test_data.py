@@ -90,3 +90,19 @@ def test_bad_datamodule_arguments_name_the_argument(kwargs, name):
 def test_val_size_too_large_is_reported(cifar_dir):
     with pytest.raises(ValueError, match="val_size=100"):
         datamodule(cifar_dir, val_size=100).setup("fit")
+
+
+def test_failed_download_says_how_to_get_the_data(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets
+
+    from glow_lightning.data.base import DownloadError
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), download=True)
+    with pytest.raises(DownloadError, match=r"could not download CIFAR-10 .*URLError.*cifar-10-python\.tar\.gz"):
+        dm.prepare_data()

@@ -38,6 +38,22 @@ class DatasetError(ValueError):
     """A dataset that does not fit its datamodule (wrong image shape, too small, unreadable)."""
 
 
+class DownloadError(DatasetError):
+    """A dataset could not be downloaded (no network, a server or quota refusal, a bad archive)."""
+
+
+def download(name: str, data_dir: str, fetch, manual: str) -> None:
+    """Run ``fetch()`` (torchvision's checksummed download); turn any failure into a DownloadError that
+    says where the data goes and how to get it by hand."""
+    try:
+        fetch()
+    except Exception as err:
+        raise DownloadError(
+            f"could not download {name} into data_dir={data_dir!r} ({type(err).__name__}: {err}). Check the "
+            f"network, or get it by hand: {manual}; then pass --data.download false"
+        ) from err
+
+
 def check_image_shape(dataset: Dataset, expected: tuple[int, int, int], where: str) -> None:
     """Raise :class:`DatasetError` naming ``where`` unless the first image is ``expected`` (C, H, W)."""
     shape = tuple(dataset[0][0].shape) if len(dataset) else expected

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from .base import GlowDataModule
+from .base import GlowDataModule, download
 from .folder import ImageFiles
 
 CELEBA_URL = "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html"
@@ -85,15 +85,12 @@ class CelebADataModule(GlowDataModule):
 
     def prepare_data(self) -> None:
         if self.download:
-            try:
-                from torchvision.datasets import CelebA
+            from torchvision.datasets import CelebA
 
+            def fetch():  # needs gdown; Google Drive often refuses it (quota)
                 CelebA(self.data_dir, split="all", target_type="attr", download=True)
-            except Exception as err:  # gdown missing, Google Drive quota, ...
-                raise RuntimeError(
-                    f"CelebA download failed ({err}). Google Drive often refuses it: download it by hand from "
-                    f"{CELEBA_URL} into {self.folder} (see the README) and pass --data.download false."
-                ) from err
+
+            download("CelebA", self.data_dir, fetch, f"from {CELEBA_URL} into {self.folder}, as the README shows")
 
     def _split(self, split: str) -> ImageFiles:
         images = os.path.join(self.folder, "img_align_celeba")

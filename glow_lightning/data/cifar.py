@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from .base import DatasetError, GlowDataModule
+from .base import DatasetError, GlowDataModule, download
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -50,8 +50,11 @@ class CIFAR10DataModule(GlowDataModule):
         if self.download:
             from torchvision.datasets import CIFAR10
 
-            for train in (True, False):
-                CIFAR10(self.data_dir, train=train, download=True)
+            def fetch():
+                for train in (True, False):
+                    CIFAR10(self.data_dir, train=train, download=True)
+
+            download("CIFAR-10", self.data_dir, fetch, f"download {CIFAR10_URL} and extract it into data_dir")
 
     def load_split(self, train: bool) -> TensorDataset:
         if not os.path.isdir(self.folder):

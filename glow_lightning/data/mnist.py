@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from .base import GlowDataModule
+from .base import GlowDataModule, download
 
 IDX_UBYTE = 0x08
 
@@ -72,8 +72,12 @@ class MNISTDataModule(GlowDataModule):
         if self.download:
             from torchvision import datasets
 
-            for train in (True, False):
-                getattr(datasets, self.folder_name)(self.data_dir, train=train, download=True)
+            def fetch():
+                for train in (True, False):
+                    getattr(datasets, self.folder_name)(self.data_dir, train=train, download=True)
+
+            manual = f"put the four idx files (raw or .gz) into {self.folder}"
+            download(self.folder_name, self.data_dir, fetch, manual)
 
     def load_split(self, train: bool) -> TensorDataset:
         prefix = "train" if train else "t10k"

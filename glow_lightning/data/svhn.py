@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from .base import GlowDataModule
+from .base import GlowDataModule, download
 
 SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
 
@@ -60,8 +60,11 @@ class SVHNDataModule(GlowDataModule):
         if self.download:
             from torchvision.datasets import SVHN
 
-            for split in self._splits(True) + self._splits(False):
-                SVHN(self.data_dir, split=split, download=True)
+            def fetch():
+                for split in self._splits(True) + self._splits(False):
+                    SVHN(self.data_dir, split=split, download=True)
+
+            download("SVHN", self.data_dir, fetch, f"download the *_32x32.mat files from {SVHN_URL} into data_dir")
 
     def load_split(self, train: bool) -> TensorDataset:
         parts = []
