@@ -1,6 +1,7 @@
 """Training-step benchmark: glow-lightning's Glow vs a public Glow (normflows), interleaved in one run.
 
-Times complete training steps (forward to bits/dim, backward, Adam step) and prints a table with the
+Times complete training steps (forward to bits/dim, backward, Adam step: GlowModule's optimizer
+(fused Adam) for ours unless ``--plain-adam``, torch's default Adam for normflows) and prints a table with the
 median step time after warmup, images/s, peak memory, achieved TFLOP/s, activation bytes per image
 (saved-tensors hook: the exact bytes autograd keeps for backward, device independent) and the ratio.
 The two implementations are timed in alternating blocks in the same process, so a shared or noisy
@@ -24,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from glow_lightning.flow import Glow  # noqa: E402
+from glow_lightning.module import make_optimizer  # noqa: E402
 
 
 # ------------------------------------------------------------------ models
@@ -142,6 +144,8 @@ def main(argv=None):
     p.add_argument("--impl", nargs="+", default=["ours", "normflows"],
                    help="ours, ours-compile, ours-memory, ours-compile-memory, normflows")  # fmt: skip
     p.add_argument("--compile-mode", default="default", help="torch.compile mode for the ours-compile* variants")
+    p.add_argument("--plain-adam", action="store_true",
+                   help="ours with torch's default Adam too, instead of GlowModule's optimizer (fused Adam)")  # fmt: skip
     p.add_argument("--no-flops", action="store_true")
     p.add_argument("--no-activation-bytes", action="store_true")
     args = p.parse_args(argv)
@@ -172,7 +176,11 @@ def main(argv=None):
         model.to(device).train()
         model.init(x)
         models[name] = model
-        steps[name] = make_step(model, torch.optim.Adam(model.parameters(), lr=1e-5), x, dims, autocast)
+        if name == "normflows" or args.plain_adam:
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)  # torch's default Adam (foreach)
+        else:
+            optimizer = make_optimizer("adam", model.parameters(), lr=1e-5)  # GlowModule's own choice (fused)
+        steps[name] = make_step(model, optimizer, x, dims, autocast)
 
     print(f"# device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, precision {args.precision}, "

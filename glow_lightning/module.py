@@ -31,6 +31,27 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model it is loaded into (another architecture)."""
 
 
+def make_optimizer(
+    name: str, params, lr: float, weight_decay: float = 0.0, allow_fused: bool = True
+) -> torch.optim.Optimizer:
+    """GlowModule's optimizer: Adam (fused single-kernel update where torch supports it for the
+    parameters' device: CPU, CUDA, ...; see BENCHMARKS.md) or Adamax. ``allow_fused=False`` under mixed
+    precision: Lightning's AMP plugin refuses gradient clipping with optimizers that unscale internally."""
+    params = list(params)
+    if name == "adamax":
+        return torch.optim.Adamax(params, lr=lr, weight_decay=weight_decay)
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        fused_devices = _get_fused_kernels_supported_devices()
+    except ImportError:  # pragma: no cover - older/newer torch
+        fused_devices = ["cpu", "cuda"]
+    fused = (
+        allow_fused and bool(params) and all(p.is_floating_point() and p.device.type in fused_devices for p in params)
+    )
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 class GlowModule(L.LightningModule):
     """Train Glow on images; the loss is bits per dimension.
 
@@ -287,8 +308,14 @@ class GlowModule(L.LightningModule):
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer_class = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}[self.hparams.optimizer]
-        optimizer = optimizer_class(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        mixed = self._trainer is not None and "mixed" in str(self._trainer.precision)
+        optimizer = make_optimizer(
+            self.hparams.optimizer,
+            self.parameters(),
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
+            allow_fused=not mixed,
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -103,3 +103,28 @@ def test_cli_flags_reach_the_flow(cifar_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(fit_args(cifar_dir, str(tmp_path), "--model.compile", "fastest"))
     assert exc.value.code == 2
+
+
+def test_fused_adam_is_used_on_cpu_and_updates_like_default_adam(reference):
+    """GlowModule's optimizer is torch's fused Adam where supported (CPU here); one step equals the default
+    (foreach) Adam's to float tolerance, and Adamax is left alone."""
+    from glow_lightning.module import make_optimizer
+
+    flow, x = reference
+    fused_flow, plain_flow = twin(flow), twin(flow)
+    fused = make_optimizer("adam", fused_flow.parameters(), lr=1e-2, weight_decay=1e-4)
+    plain = torch.optim.Adam(plain_flow.parameters(), lr=1e-2, weight_decay=1e-4)
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    for model, optimizer in ((fused_flow, fused), (plain_flow, plain)):
+        for _ in range(2):
+            loss_and_grads(model, x)
+            optimizer.step()
+    for (name, a), b in zip(fused_flow.named_parameters(), plain_flow.parameters()):
+        assert not torch.equal(a, flow.state_dict()[name]), name  # it moved
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not make_optimizer("adamax", plain_flow.parameters(), lr=1e-3).defaults.get("fused")
+
+
+def test_glow_fit_trains_with_the_fused_adam(tiny_checkpoint):
+    ckpt = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["fused"] is True
