@@ -216,12 +216,12 @@ def main(argv=None):
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(device))
 
     for name, model in models.items():
-        if "memory" in name and not args.no_activation_bytes:  # backward recomputes one flow step at a time
-            first = model.flow.steps[0][0]
-            h = torch.zeros(args.batch_size, first.actnorm.bias.shape[1], args.image_size // 2, args.image_size // 2)
-            one = saved_bytes(first, h.to(device), dims, autocast, loss_fn=lambda out: out[0].sum())
+        if "memory" in name and not args.no_activation_bytes:  # backward recomputes one coupling NN at a time
+            net = model.flow.steps[0][0].coupling.net  # the largest: level 1
+            x_a = torch.zeros(args.batch_size, net[0].in_channels, args.image_size // 2, args.image_size // 2)
+            one = saved_bytes(net, x_a.to(device), dims, autocast, loss_fn=lambda out: out.sum())
             print(
-                f"# {name}: backward adds one recomputed level-1 flow step: {one / args.batch_size / 2**20:.2f} MiB/img"
+                f"# {name}: backward adds one recomputed level-1 coupling NN: {one / args.batch_size / 2**20:.2f} MiB/img"
             )
 
     header = (

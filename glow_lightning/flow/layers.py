@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 Permutation = Literal["invconv", "invconv_lu", "reverse", "shuffle"]
 Coupling = Literal["affine", "additive"]
@@ -226,10 +227,15 @@ class CouplingLayer(nn.Module):
         self.split = channels // 2
         out = 2 * (channels - self.split) if self.affine else channels - self.split
         self.net = coupling_net(self.split, hidden_channels, out)
+        self.recompute_net = False  # memory saving: keep no NN activations, recompute them in backward
 
     def _shift_and_scale(self, x_a: Tensor) -> tuple[Tensor, Tensor | None]:
         # channels_last convolutions are ~20% faster on CPU (oneDNN), see BENCHMARKS.md; back to NCHW after
-        h = self.net(x_a.contiguous(memory_format=torch.channels_last)).contiguous()
+        x_a = x_a.contiguous(memory_format=torch.channels_last)
+        if self.recompute_net and self.training and torch.is_grad_enabled():
+            h = checkpoint(self.net, x_a, use_reentrant=False).contiguous()
+        else:
+            h = self.net(x_a).contiguous()
         if not self.affine:
             return h, None
         shift, raw = h.chunk(2, dim=1)
