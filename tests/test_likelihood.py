@@ -29,7 +29,7 @@ def eval_args(subcommand: str, cifar_dir: str, root: str, ckpt: str, *extra: str
     ]  # fmt: skip
 
 
-def test_images(cifar_dir: str, split: str = "test") -> dict:
+def evaluation_batch(cifar_dir: str, split: str = "test") -> dict:
     """The split's images as the datamodule prepares them for evaluation (same noise as predict/test)."""
     dm = CIFAR10DataModule(data_dir=cifar_dir, download=False, val_size=8)
     dm.setup("predict")
@@ -51,7 +51,7 @@ def predictions(cifar_dir, tiny_checkpoint, tmp_path_factory) -> str:
 
 def test_predict_writes_one_row_per_image_with_the_models_bits_per_dim(predictions, cifar_dir, tiny_checkpoint):
     table = read_predictions(predictions)
-    batch = test_images(cifar_dir)
+    batch = evaluation_batch(cifar_dir)
     assert table["index"].tolist() == batch["index"].tolist() == list(range(10))  # one row per test image
     assert table["label"].tolist() == batch["label"].tolist()
     flow = Glow.from_checkpoint(tiny_checkpoint)
@@ -103,7 +103,7 @@ def test_importance_weighted_bound_is_not_above_the_average_single_sample_estima
     dm = CIFAR10DataModule(data_dir=cifar_dir, download=False, val_size=8, batch_size=4, num_workers=0)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     iw = trainer.test(module, datamodule=dm, verbose=False)[0]
-    batch = test_images(cifar_dir)
+    batch = evaluation_batch(cifar_dir)
     with torch.no_grad():
         single = [
             module.flow.bits_per_dim(dm.dequantize(batch["bins"], batch["index"], EVAL_STREAM + s)).mean().item()
