@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
+from .checkpoint_io import join
 from .ema import averaged_weights
 from .flow.visualize import Interpolation, image_grid, interpolate, reconstruct, side_by_side
 
@@ -46,7 +47,7 @@ def save_grid(grid: Tensor, path: str) -> str:
 
 def images_dir(trainer: L.Trainer) -> str:
     """Where a run's image grids go: ``<trainer.default_root_dir>/images``."""
-    return trainer.default_root_dir.rstrip("/") + "/images"
+    return join(trainer.default_root_dir, "images")
 
 
 @rank_zero_only

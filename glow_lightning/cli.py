@@ -59,7 +59,7 @@ NEEDS_NO_DATA = ("sample",)
 def checkpoint_dir(default_root_dir: str | None) -> str:
     """The fixed checkpoint directory of a run: ``<default_root_dir>/checkpoints``."""
     root = default_root_dir or os.getcwd()
-    return root.rstrip("/") + "/checkpoints"
+    return join(root, "checkpoints")
 
 
 def load_checkpoint_hparams(path: str) -> dict:

@@ -157,8 +157,7 @@ class GlowModule(L.LightningModule):
         if self.dequantizer is not None:
             u, log_q = self.dequantizer(batch["bins"], unit_noise(x, batch["bins"], self.flow.n_bits))
             x = dequantize(batch["bins"], u, self.flow.n_bits)
-        latents, logdet, prior_terms = self.flow._encode(x, self._labels(batch))
-        logits = self.flow.classifier(latents[-1]) if self.flow.classifier is not None else None
+        prior_terms, logdet, logits = self.flow.log_prob_terms_and_logits(x, self._labels(batch))
         return prior_terms, logdet, log_q, logits
 
     def _log_prob(self, batch: dict, x: torch.Tensor | None = None) -> torch.Tensor:

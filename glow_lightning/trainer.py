@@ -9,18 +9,17 @@ global generator, so ``--seed_everything S`` makes it reproducible.
 
 from __future__ import annotations
 
-import fsspec
 import lightning as L
 import torch
 
 from .callbacks import Split, fixed_images, labels_of, save_grid
+from .checkpoint_io import load_checkpoint_file
 from .flow.visualize import Interpolation, image_grid, interpolate, reconstruct, side_by_side
 
 
 def load_weights(model: L.LightningModule, ckpt_path: str) -> None:
     """Load a checkpoint's weights into ``model`` after checking the architecture (``on_load_checkpoint``)."""
-    with fsspec.open(ckpt_path, "rb") as f:
-        ckpt = torch.load(f, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint_file(ckpt_path)  # weights_only=True; errors name the file
     model.on_load_checkpoint(ckpt)
     model.load_state_dict(ckpt["state_dict"])
 

@@ -239,12 +239,14 @@ class Glow(nn.Module):
         prior_terms, logdet = self.log_prob_terms(x, labels)
         return torch.stack(prior_terms).sum(0) + logdet
 
-    def log_prob_and_logits(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """In one pass: log p(x | y) in nats (B,) and the top-latent classifier's logits (B, num_classes),
+    def log_prob_terms_and_logits(
+        self, x: Tensor, labels: Tensor | None = None
+    ) -> tuple[list[Tensor], Tensor, Tensor | None]:
+        """In one pass: :meth:`log_prob_terms` and the top-latent classifier's logits (B, num_classes),
         ``None`` for an unconditional model."""
         latents, logdet, prior_terms = self._encode(x, labels)
         logits = self.classifier(latents[-1]) if self.classifier is not None else None
-        return torch.stack(prior_terms).sum(0) + logdet, logits
+        return prior_terms, logdet, logits
 
     def bits_per_dim(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """Per-image bits/dim of the dequantized images x, shape (B,)."""
