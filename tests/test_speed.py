@@ -88,6 +88,22 @@ def test_compiled_step_matches_eager_without_graph_breaks(reference):
     assert_same_step(flow, twin(flow, compile=True, memory_saving=True), x, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_graphs_do_not_grow_with_steps_per_level():
+    """Regional compilation: one graph per level shape (plus the very first step, whose input needs no
+    gradient), the same number for K=2 and K=4."""
+    counts = {}
+    for k in (2, 4):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        flow = Glow(**{**TINY, "steps_per_level": k}, compile=True)
+        x = torch.rand(2, 3, 8, 8)
+        flow.initialize(x)
+        flow.bits_per_dim(x)  # dynamo compiles (and counts) the graphs in the forward
+        counts[k] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert counts[2] == counts[4] == TINY["levels"] + 1, counts
+
+
 # aten ops that make the host wait for the device on CUDA (a Python bool/float of a tensor, data-dependent shapes)
 SYNC_OPS = ("aten._local_scalar_dense", "aten.equal", "aten.is_nonzero", "aten.nonzero", "aten.masked_select",
             "aten.unique", "aten._unique2", "aten.repeat_interleave")  # fmt: skip
