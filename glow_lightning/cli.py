@@ -107,6 +107,9 @@ class GlowCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {"description": "Train and evaluate Glow normalizing flows."})
         kwargs.setdefault("trainer_class", GlowTrainer)
         kwargs.setdefault("parser_class", GlowArgumentParser)
+        # the optimizer and schedule are --model.optimizer / lr / warmup_steps / schedule; LightningCLI's own
+        # --optimizer / --lr_scheduler would silently replace GlowModule.configure_optimizers (warmup included)
+        kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(GlowModule, GlowDataModule, *args, subclass_mode_data=True, **kwargs)
 
     @override

@@ -71,7 +71,9 @@ def main(args: list[str] | None = None) -> None:
     """``python -m glow_lightning.histogram A.csv B.csv [--output PNG] [--column bpd] [--labels A B] [--bins 50]``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m glow_lightning.histogram", description=plot_histogram.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m glow_lightning.histogram", description=plot_histogram.__doc__.splitlines()[0]
+    )
     parser.add_argument("csv_files", nargs="+", help="CSV files written by glow predict")
     parser.add_argument("--output", default="bpd_histogram.png", help="PNG file to write")
     parser.add_argument("--column", default="bpd", help="column to histogram")

@@ -57,6 +57,18 @@ def test_fit_help_documents_model_and_data_arguments(capsys):
     assert "{adam,adamax}" in out or "adamax" in out
 
 
+def test_optimizer_is_set_on_the_model_only(capsys):
+    """LightningCLI's --optimizer / --lr_scheduler would replace the model's optimizer and warmup: not offered."""
+    with pytest.raises(SystemExit):
+        run_cli(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert "--model.optimizer" in out and "--optimizer " not in out and "--lr_scheduler " not in out
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["fit", "--config", config("cifar.yaml"), "--optimizer", "SGD", "--print_config"])
+    assert exc.value.code == 2
+    assert "--optimizer" in capsys.readouterr().err
+
+
 def test_fit_writes_last_and_best_checkpoints(tiny_run):
     files = sorted(os.listdir(os.path.join(tiny_run, "checkpoints")))
     assert "last.ckpt" in files

@@ -90,6 +90,14 @@ def test_predict_another_split_and_histogram(predictions, cifar_dir, tiny_checkp
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_histogram_help_is_a_summary_and_the_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        histogram_main(["--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "overlaid, and save it as a PNG" in out and "--column" in out
+    assert "Args:" not in out and "Returns:" not in out  # not the whole docstring run together
+
+
 def test_importance_weighted_bound_with_one_sample_is_the_single_sample_estimate(cifar_dir, tiny_checkpoint, tmp_path):
     cli = main(eval_args("test", cifar_dir, str(tmp_path), tiny_checkpoint, "--model.iw_samples", "1"))
     metrics = cli.trainer.callback_metrics

@@ -140,7 +140,7 @@ class GlowDataModule(L.LightningDataModule):
             fraction of the training set when a float below 1. Ignored by datasets with their own
             validation split (CelebA, an image folder with ``val/``).
         batch_size: images per batch and per device (the effective batch is this x devices x
-            accumulate_grad_batches).
+            num_nodes x accumulate_grad_batches).
         num_workers: DataLoader worker processes.
         pin_memory: pin host memory for faster transfer to the GPU.
         flip: random horizontal flips of training images.
