@@ -29,6 +29,7 @@ import sys
 
 from fsspec.core import url_to_fs
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from . import __version__
@@ -77,7 +78,17 @@ def find_last(dirpath: str) -> str | None:
 def condense(message: str) -> str:
     """A jsonargparse error on one line: ``--key: reason (given value)``."""
     key = re.match(r'Parser key "([^"]+)":', message)
-    lines = [line.strip() for line in message.splitlines()[1 if key else 0 :] if line.strip()]
+    nested = re.search(
+        r"Problem with given class_path '([^']+)':\n(.*?)\n\s*(?:- Expected a <class 'NoneType'>|Given value)",
+        message,
+        re.S,
+    )
+    if key and nested:  # --data.KEY of a subclass: the reason given for KEY, not the Union's summary
+        inner = condense(" ".join(line.strip() for line in nested.group(2).splitlines()))
+        if inner.startswith("--"):
+            return f"--{key.group(1)}.{inner[2:]}"
+        return f"--{key.group(1)}: {inner} ({nested.group(1)})"
+    lines = [line.strip() for line in message[key.end() if key else 0 :].splitlines() if line.strip()]
     if "Errors:" in lines:  # "Does not validate against any of the Union subtypes" -> the reasons
         reasons = [x[2:] for x in lines if x.startswith("- ") and x != "- Expected a <class 'NoneType'>"]
         given = [x[len("Given value: ") :] for x in lines if x.startswith("Given value:") and len(x) < 80]
@@ -94,6 +105,9 @@ class GlowArgumentParser(LightningArgumentParser):
         if not self.exit_on_error:  # jsonargparse is probing: let it catch the exception
             return super().error(message, ex)
         subcommand = self.prog.split()[-1] if " [options] " in self.prog else ""
+        missing = re.fullmatch(r"argument (--\S+): expected one argument", message)
+        if missing:  # argparse takes a value like -1e-3 for an option
+            message += f" (a value that starts with '-' is written {missing.group(1)}=VALUE)"
         sys.stderr.write(f"glow: error: {condense(message)} (see: glow {subcommand} --help)\n".replace("  ", " "))
         raise SystemExit(2)
 
@@ -213,7 +227,7 @@ class GlowCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except ValueError as err:  # our constructors name the bad argument
+        except (ValueError, MisconfigurationException) as err:  # our constructors (and Lightning's) name the value
             self._parser(self.subcommand).error(str(err))
 
 

@@ -118,6 +118,8 @@ class GlowModule(L.LightningModule):
         super().__init__()
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr!r}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps!r}")
         if init_batch_size < 1:

@@ -9,11 +9,13 @@ global generator, so ``--seed_everything S`` makes it reproducible.
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import torch
 
 from .callbacks import Split, fixed_images, labels_of, save_grid
-from .checkpoint_io import load_checkpoint_file
+from .checkpoint_io import NotWritableError, first_line, load_checkpoint_file
 from .flow.visualize import Interpolation, image_grid, interpolate, reconstruct, side_by_side
 
 
@@ -31,8 +33,23 @@ class GlowTrainer(L.Trainer):
         load_weights(model, ckpt_path)
         return model.to(self.strategy.root_device).eval()
 
+    @staticmethod
+    def _check_output(output: str, **per_row: int) -> None:
+        """Before any work: ``--output`` names a PNG file (so it never replaces a checkpoint or a config),
+        and the images-per-row options are positive."""
+        for name, value in per_row.items():
+            if value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
+        if not output.lower().endswith(".png"):
+            raise ValueError(f"--output {output}: the grid is written as a PNG; give a file name ending in .png")
+        if os.path.isdir(output):
+            raise ValueError(f"--output {output} is a directory; give a file name ending in .png")
+
     def _write(self, grid: torch.Tensor, output: str, what: str) -> str:
-        save_grid(grid, output)
+        try:
+            save_grid(grid, output)
+        except OSError as err:
+            raise NotWritableError(f"--output {output} cannot be written ({first_line(err)})") from err
         print(f"wrote {what} to {output}")
         return output
 
@@ -63,6 +80,7 @@ class GlowTrainer(L.Trainer):
             nrow: images per grid row.
             output: the PNG file to write.
         """
+        self._check_output(output, nrow=nrow)
         flow = self._prepare(model, ckpt_path).flow
         labels = None
         if label is not None:
@@ -101,6 +119,7 @@ class GlowTrainer(L.Trainer):
             pairs_per_row: (target, reconstruction) pairs per grid row.
             output: the PNG file to write.
         """
+        self._check_output(output, pairs_per_row=pairs_per_row)
         flow = self._prepare(model, ckpt_path).flow
         batch = self._images(datamodule, split, num_images, flow.device)
         recon = reconstruct(flow, batch["bins"], labels_of(flow, batch))
@@ -138,6 +157,7 @@ class GlowTrainer(L.Trainer):
         """
         if pairs < 1 or steps < 2:
             raise ValueError(f"--pairs must be >= 1 and --steps >= 2, got {pairs} and {steps}")
+        self._check_output(output)
         flow = self._prepare(model, ckpt_path).flow
         batch = self._images(datamodule, split, 2 * pairs, flow.device)
         if batch["bins"].shape[0] < 2 * pairs:

@@ -23,12 +23,16 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .base import GlowDataModule
+from .base import DatasetError, GlowDataModule
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SPLIT_FOLDERS = ("train", "val", "test")
 NO_LABEL = -1
 MAX_LISTED = 20
+
+
+class UnreadableImageError(DatasetError, RuntimeError):
+    """An image file Pillow cannot read (the ``glow`` command reports it in one line, without a traceback)."""
 
 
 def load_image(path: str, channels: int, size: int, crop: int | None = None) -> torch.Tensor:
@@ -43,7 +47,7 @@ def load_image(path: str, channels: int, size: int, crop: int | None = None) -> 
             img = ImageOps.fit(img, (size, size), method=Image.Resampling.LANCZOS)
             pixels = np.asarray(img, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
-        raise RuntimeError(f"cannot read image file {path}: {err}") from err
+        raise UnreadableImageError(f"cannot read image file {path}: {err}") from err
     pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
 
@@ -61,7 +65,7 @@ def check_images(paths: list[str]) -> None:
         listed = "\n  ".join(bad[:MAX_LISTED]) + (
             f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
         )
-        raise RuntimeError(f"{len(bad)} of {len(paths)} image files cannot be read:\n  {listed}")
+        raise UnreadableImageError(f"{len(bad)} of {len(paths)} image files cannot be read:\n  {listed}")
 
 
 class ImageFiles(Dataset):

@@ -118,6 +118,8 @@ class Glow(nn.Module):
             compile = "default"
         if compile is not False and compile not in CompileMode.__args__:
             raise ValueError(f"compile must be a bool or one of {CompileMode.__args__}, got {compile!r}")
+        if not isinstance(learn_top, bool):
+            raise ValueError(f"learn_top must be a bool, got {learn_top!r}")
         if not isinstance(memory_saving, bool):
             raise ValueError(f"memory_saving must be a bool, got {memory_saving!r}")
         self.compile_mode: str | None = compile or None
@@ -156,11 +158,39 @@ class Glow(nn.Module):
 
     def _check_images(self, x: Tensor) -> None:
         expected = (self.in_channels, self.image_size, self.image_size)
+        if not isinstance(x, Tensor):
+            raise ValueError(f"x must be a torch.Tensor of images, got {type(x).__name__}")
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(
                 f"x must be a (B, {expected[0]}, {expected[1]}, {expected[2]}) batch of images for this Glow "
                 f"(in_channels={self.in_channels}, image_size={self.image_size}), got shape {tuple(x.shape)}"
             )
+        if not x.is_floating_point():
+            raise ValueError(
+                f"x must be floating-point images in [0, 1], got dtype {x.dtype}: convert pixels with "
+                f"x.float() / 255 (8 bits) or glow_lightning.flow.quantize.bins_to_unit"
+            )
+        if x.device != self.device:
+            raise ValueError(f"x is on {x.device} but this Glow is on {self.device}: move x with x.to(flow.device)")
+
+    def _check_values(self, x: Tensor, labels: Tensor | None, always: bool = False) -> None:
+        """x finite in [0, 1], labels in range: in eval mode (or ``always``) only, since it syncs with the host
+        and the training step stays sync-free."""
+        self._check_images(x)
+        if (self.training and not always) or x.numel() == 0 or torch.compiler.is_compiling():
+            return
+        finite, low, high = torch.stack([torch.isfinite(x).all().to(x.dtype), x.min(), x.max()]).tolist()
+        if not finite:
+            raise ValueError(f"x holds {int((~torch.isfinite(x)).sum())} NaN or infinite values")
+        if low < -1e-3 or high > 1 + 1e-3:
+            raise ValueError(
+                f"x must hold images in [0, 1], got values in [{low:g}, {high:g}] (pixels 0..255 must be divided "
+                "by 255; images centred at 0 must be shifted by +0.5)"
+            )
+        if self.num_classes and labels is not None and labels.numel():
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= self.num_classes:
+                raise ValueError(f"labels must be in 0..{self.num_classes - 1}, got values in {lo}..{hi}")
 
     def _check_labels(self, labels: Tensor | None, batch_size: int) -> None:
         if self.num_classes and labels is not None:
@@ -179,6 +209,7 @@ class Glow(nn.Module):
         Call once before training (``GlowModule`` does it at the start of fit); under
         torch.distributed every rank must call it, and the statistics are all-reduced.
         """
+        self._check_values(x, labels, always=True)
         actnorms = [m for m in self.modules() if isinstance(m, ActNorm)]
         for m in actnorms:
             m.init_mode = True
@@ -223,11 +254,16 @@ class Glow(nn.Module):
 
     def encode(self, x: Tensor, labels: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
         """Images (B, C, H, W) in [0, 1] -> (one latent per level, log|det dlatents/dx| of shape (B,))."""
+        self._check_values(x, labels)
         latents, logdet, _ = self._encode(x, labels)
         return latents, logdet
 
     def log_prob_terms(self, x: Tensor, labels: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
-        """Per-level prior log-probs (finest level first) and the log-determinant, each (B,), in nats."""
+        """Per-level prior log-probs (finest level first) and the log-determinant, each (B,), in nats.
+
+        In eval mode, ``x`` is checked to be finite and in [0, 1] (and labels in range) first.
+        """
+        self._check_values(x, labels)
         _, logdet, prior_terms = self._encode(x, labels)
         return prior_terms, logdet
 
@@ -257,10 +293,11 @@ class Glow(nn.Module):
         if len(latents) != self.levels:
             raise ValueError(f"latents must hold one tensor per level ({self.levels}), got {len(latents)}")
         for i, (z, shape) in enumerate(zip(latents, self.latent_shapes)):
-            if tuple(z.shape[1:]) != shape:
-                raise ValueError(
-                    f"latents[{i}] must have shape (B, {', '.join(map(str, shape))}), got {tuple(z.shape)}"
-                )
+            if not isinstance(z, Tensor) or z.dim() != 4 or tuple(z.shape[1:]) != shape:
+                got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+                raise ValueError(f"latents[{i}] must have shape (B, {', '.join(map(str, shape))}), got {got}")
+            if z.shape[0] != latents[0].shape[0]:
+                raise ValueError(f"latents must share one batch size, got {[tuple(t.shape) for t in latents]}")
 
     def _decode(self, top: Tensor, latent_for_level, temperature: float = 1.0) -> Tensor:
         h = top
@@ -293,8 +330,10 @@ class Glow(nn.Module):
         """
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        if not temperature >= 0:
+        if not isinstance(temperature, (int, float)) or not temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        if temperature == math.inf:
+            raise ValueError(f"temperature must be finite, got {temperature!r}")
         if self.num_classes and labels is None:
             raise ValueError("this Glow is class-conditional (num_classes > 0): pass `labels`")
         if labels is not None and self.num_classes:
