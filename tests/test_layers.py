@@ -61,12 +61,12 @@ def test_logdet_equals_autograd_jacobian(name):
     assert torch.allclose(logdet, expected, atol=1e-4), (logdet, expected)
 
 
+@torch.no_grad()
 def test_invconv_eval_cache_follows_weight_changes():
     conv = perturb(InvConv1x1(4, lu=False)).eval()
     y = torch.randn(2, 4, 3, 3)
     first, _ = conv.inverse(y)
-    with torch.no_grad():
-        conv.weight.data.copy_(conv.weight.data @ torch.linalg.qr(torch.randn(4, 4))[0])  # no version bump
+    conv.weight.data.copy_(conv.weight.data @ torch.linalg.qr(torch.randn(4, 4))[0])  # no version bump
     second, _ = conv.inverse(y)
     x, _ = conv(second)
     assert not torch.allclose(first, second)
@@ -105,3 +105,55 @@ def test_affine_coupling_starts_with_sigmoid_two_scale():
     assert torch.allclose(y[:, 2:], x[:, 2:] * scale, atol=1e-6)
     assert torch.equal(y[:, :2], x[:, :2])
     assert torch.allclose(logdet, torch.full((2,), 2 * 9 * torch.log(scale).item()), atol=1e-5)
+
+
+@pytest.mark.parametrize("lu", [False, True])
+def test_invconv_eval_cache_is_used_without_autograd_only(lu, monkeypatch):
+    """DESIGN.md rule 2: W^-1 and log|det W| are computed once for fixed weights (eval, no grad); with
+    autograd every call builds its own graph, so eval-mode gradients (twice in a row) equal training-mode ones."""
+    conv = perturb(InvConv1x1(4, lu=lu)).eval()
+    calls = []
+    compute = conv._inverse_and_logdet
+    monkeypatch.setattr(conv, "_inverse_and_logdet", lambda w: calls.append(1) or compute(w))
+    y = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        for _ in range(3):
+            conv.inverse(y)
+            conv(y)
+    assert len(calls) == 1
+    grads = []
+    for mode in (True, False, False):  # train, then eval twice
+        conv.train(mode)
+        conv.zero_grad()
+        x, logdet = conv.inverse(y)
+        (x.square().sum() + logdet.sum() + conv(y)[1].sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in conv.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0])
+    torch.testing.assert_close(grads[2], grads[0])
+
+
+def test_invconv_cache_of_another_device_is_not_compared(monkeypatch):
+    """A model moved to another device after sampling recomputes its cache (torch.equal across devices raises)."""
+    conv = perturb(InvConv1x1(4, lu=False)).eval()
+    y = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        expected, _ = conv.inverse(y)
+        weight, inverse, logdet = conv._cache.entry
+        conv._cache.entry = (weight.to("meta"), inverse.to("meta"), logdet.to("meta"))  # as if cached on a GPU
+        again, _ = conv.inverse(y)
+    torch.testing.assert_close(again, expected)
+
+
+def test_plain_invconv_inverse_and_logdet_are_computed_in_float64():
+    """DESIGN.md rule 2: on an ill-conditioned W (cond ~1e5) float32 inv / slogdet are off; float64 is not."""
+    g = torch.Generator().manual_seed(0)
+    q1, q2 = (torch.linalg.qr(torch.randn(48, 48, generator=g, dtype=torch.float64))[0] for _ in range(2))
+    weight = (q1 @ torch.diag(torch.logspace(0, -5, 48, dtype=torch.float64)) @ q2).float()
+    conv = InvConv1x1(48, lu=False)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+    w_inv, logdet = conv._inverse_and_logdet(conv.weight)
+    exact_inv = torch.linalg.inv(weight.double())
+    exact_logdet = torch.linalg.slogdet(weight.double())[1]
+    assert (w_inv.double() - exact_inv).abs().max() / exact_inv.abs().max() < 1e-6
+    assert abs(logdet.double() - exact_logdet) < 1e-4

@@ -97,15 +97,17 @@ class _WeightCache:
     """Holds (weight, inverse, logdet) computed in eval mode; valid while the weight is unchanged.
 
     Checked by value, not by tensor version: weight swaps such as EMA use ``.data.copy_``, which does
-    not bump versions (DESIGN.md, Lightning rules).
+    not bump versions (DESIGN.md, Lightning rules). Used only without autograd: a cached result would
+    carry one call's graph into the next (a second backward fails).
     """
 
     def __init__(self):
         self.entry = None
 
     def get(self, weight: Tensor, compute):
-        if self.entry is not None and torch.equal(self.entry[0], weight):
-            return self.entry[1:]
+        cached = self.entry
+        if cached is not None and cached[0].device == weight.device and torch.equal(cached[0], weight):
+            return cached[1:]
         inverse, logdet = compute(weight)
         self.entry = (weight.detach().clone(), inverse, logdet)
         return inverse, logdet
@@ -116,7 +118,7 @@ class InvConv1x1(nn.Module):
 
     Initialised to a random rotation. The plain form computes log|det W| and W^-1 in float64; the
     LU form ``W = P L (U + diag(sign * exp(log_s)))`` gets log|det W| = sum(log_s) for free.
-    In eval mode W^-1 and log|det W| are cached (sampling decodes many batches with fixed weights).
+    In eval mode without autograd W^-1 and log|det W| are cached (sampling decodes many batches with fixed weights).
     """
 
     def __init__(self, channels: int, lu: bool = True):
@@ -155,7 +157,7 @@ class InvConv1x1(nn.Module):
     @float32
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         weight = self._weight()
-        if self.training:
+        if self.training or torch.is_grad_enabled():  # no cache: autograd needs this call's graph
             logdet = self._logdet_per_pixel(weight)
         else:
             logdet = self._cache.get(weight, self._inverse_and_logdet)[1]
@@ -165,7 +167,7 @@ class InvConv1x1(nn.Module):
     @float32
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         weight = self._weight()
-        if self.training:
+        if self.training or torch.is_grad_enabled():  # no cache: autograd needs this call's graph
             w_inv, logdet = self._inverse_and_logdet(weight)
         else:
             w_inv, logdet = self._cache.get(weight, self._inverse_and_logdet)
