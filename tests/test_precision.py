@@ -8,10 +8,11 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from glow_lightning import Glow
 from glow_lightning.cli import main
-from glow_lightning.flow.layers import ZeroConv2d
+from glow_lightning.flow.layers import InvConv1x1, ZeroConv2d
 
 from .conftest import config, fit_args
 
@@ -70,6 +71,41 @@ def test_coupling_networks_do_run_in_bf16_under_autocast(trained_like_flow):
     finally:
         handle.remove()
     assert seen == [torch.bfloat16]
+
+
+def test_invconv_and_prior_layers_compute_in_float32_under_autocast(trained_like_flow):
+    """Rule 3 layer by layer: the 1x1 conv and the priors' own convolutions / linear maps, which autocast
+    would run in bf16, compute in float32 (a bf16 product times a float32 scale would only look float32)."""
+    torch.manual_seed(0)
+    conditional = Glow(in_channels=3, image_size=8, levels=2, steps_per_level=1, hidden_channels=8, num_classes=3)
+    flow, x = trained_like_flow
+    layers = {
+        f"{name}.{sub}": module
+        for model, name in ((flow, "flow"), (conditional, "conditional"))
+        for sub, module in model.named_modules()
+        if isinstance(module, InvConv1x1)
+        or (sub.startswith(("split_priors", "top_prior", "classifier")) and isinstance(module, (nn.Conv2d, nn.Linear)))
+    }
+    assert any(".class_proj" in n for n in layers) and any(".split_priors.0.conv.conv" in n for n in layers)
+    seen: dict[str, set] = {}
+
+    def record(name: str):
+        return lambda module, inputs, output: seen.setdefault(name, set()).update(
+            t.dtype for t in (output if isinstance(output, tuple) else (output,))
+        )
+
+    hooks = [module.register_forward_hook(record(name)) for name, module in layers.items()]
+    labels = torch.tensor([0, 2])
+    try:
+        with torch.no_grad(), autocast():
+            flow.log_prob(x)
+            flow.sample(2)
+            conditional.log_prob_terms_and_logits(x[:2, :, :8, :8], labels)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen.keys() == layers.keys()  # every one ran
+    assert {n: d for n, d in seen.items() if d != {torch.float32}} == {}
 
 
 @pytest.mark.slow
