@@ -183,12 +183,13 @@ class GlowCLI(LightningCLI):
             self._parser(subcommand).error(f"--ckpt_path {err}")
         defaults = {k: p.default for k, p in inspect.signature(GlowModule.__init__).parameters.items()}
         model_config = self.config[subcommand].model
+        explicit = self._explicit_model_keys(subcommand)
         conflicts, updates = [], {}
         for key, saved in hparams.items():
             if key not in defaults or key in LINKED_FROM_DATA.values() or key in EVALUATION_ONLY:
                 continue  # linked values are checked against the checkpoint when it is loaded
             given = model_config.get(key, defaults[key])
-            if given != defaults[key] and given != saved:
+            if (given != defaults[key] or key in explicit) and given != saved:
                 conflicts.append(f"--model.{key}={given!r} (checkpoint: {saved!r})")
             updates[key] = saved
         if conflicts:
@@ -200,6 +201,14 @@ class GlowCLI(LightningCLI):
             updates.update({key: hparams[key] for key in LINKED_FROM_DATA.values() if key in hparams})
         for key, value in updates.items():
             model_config[key] = value
+
+    def _explicit_model_keys(self, subcommand: str) -> set[str]:
+        """The ``--model.*`` keys set on the command line or in a config, also those equal to their default."""
+        args = getattr(self.parser, "args", None)  # what parse_args parsed (None for a dict / Namespace config)
+        if args is None:
+            return set()
+        given = self.parser.parse_args(args, defaults=False, _skip_validation=True)[subcommand].get("model")
+        return set(given.keys()) if given is not None else set()
 
     def _check_output_dirs(self) -> None:
         """Fail early, naming the directory, when the run or checkpoint directory is not writable."""

@@ -138,6 +138,18 @@ def test_explicit_flag_contradicting_the_checkpoint_is_an_error(cifar_dir, tiny_
     assert "--model.hidden_channels=32 (checkpoint: 16)" in capsys.readouterr().err
 
 
+def test_explicit_flag_equal_to_its_default_contradicting_the_checkpoint_is_an_error(
+    cifar_dir, tiny_checkpoint, tmp_path, capsys
+):
+    """512 is GlowModule's default hidden_channels: given explicitly, it must not silently become the checkpoint's 16."""
+    with pytest.raises(SystemExit) as exc:
+        run_cli(
+            cli_args("test", cifar_dir, str(tmp_path), "--ckpt_path", tiny_checkpoint, "--model.hidden_channels", "512")
+        )
+    assert exc.value.code == 2
+    assert "--model.hidden_channels=512 (checkpoint: 16)" in capsys.readouterr().err
+
+
 def test_checkpoint_of_another_architecture_names_the_difference(cifar_dir, tiny_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         run_cli(cli_args("test", cifar_dir, str(tmp_path), "--data.n_bits", "5", "--ckpt_path", tiny_checkpoint))
