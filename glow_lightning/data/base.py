@@ -26,6 +26,7 @@ import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from typing_extensions import override
 
 from ..flow.quantize import bins_to_unit, check_n_bits, pixels_to_bins
 
@@ -215,6 +216,7 @@ class GlowDataModule(L.LightningDataModule):
         return None
 
     # ---- splits
+    @override
     def setup(self, stage: str | None = None) -> None:
         if "train" not in self.splits:
             full = self.load_split(train=True)
@@ -267,15 +269,19 @@ class GlowDataModule(L.LightningDataModule):
             drop_last=train and len(dataset) > self.batch_size,
         )
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         self.setup("predict")
         return self._loader(self.predict_split)
@@ -300,6 +306,7 @@ class GlowDataModule(L.LightningDataModule):
             bins = self.flip_images(bins, index, stream)
         return {"x": self.dequantize(bins, index, stream), "bins": bins, "label": batch["label"], "index": index}
 
+    @override
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         trainer = self.trainer
         train = trainer is not None and trainer.training

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 
+from typing_extensions import override
+
 from .base import GlowDataModule, download
 from .folder import ImageFiles
 
@@ -83,6 +85,7 @@ class CelebADataModule(GlowDataModule):
     def folder(self) -> str:
         return os.path.join(self.data_dir, "celeba")
 
+    @override
     def prepare_data(self) -> None:
         if self.download:
             from torchvision.datasets import CelebA

@@ -12,6 +12,7 @@ import pickle
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
+from typing_extensions import override
 
 from .base import DatasetError, GlowDataModule, download
 
@@ -46,6 +47,7 @@ class CIFAR10DataModule(GlowDataModule):
     def folder(self) -> str:
         return os.path.join(self.data_dir, "cifar-10-batches-py")
 
+    @override
     def prepare_data(self) -> None:
         if self.download:
             from torchvision.datasets import CIFAR10

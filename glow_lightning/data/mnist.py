@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
+from typing_extensions import override
 
 from .base import GlowDataModule, download
 
@@ -68,6 +69,7 @@ class MNISTDataModule(GlowDataModule):
     def folder(self) -> str:
         return os.path.join(self.data_dir, self.folder_name, "raw")
 
+    @override
     def prepare_data(self) -> None:
         if self.download:
             from torchvision import datasets

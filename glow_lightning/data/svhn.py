@@ -13,6 +13,7 @@ import os
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
+from typing_extensions import override
 
 from .base import GlowDataModule, download
 
@@ -56,6 +57,7 @@ class SVHNDataModule(GlowDataModule):
     def _splits(self, train: bool) -> list[str]:
         return (["train"] + (["extra"] if self.extra else [])) if train else ["test"]
 
+    @override
     def prepare_data(self) -> None:
         if self.download:
             from torchvision.datasets import SVHN
