@@ -203,11 +203,27 @@ class GlowCLI(LightningCLI):
             model_config[key] = value
 
     def _explicit_model_keys(self, subcommand: str) -> set[str]:
-        """The ``--model.*`` keys set on the command line or in a config, also those equal to their default."""
+        """The ``--model.*`` keys set on the command line or in a config, also those equal to their default.
+
+        Re-parses the arguments without defaults; the resolved ``default_root_dir`` is passed along, since the
+        checkpoint directory is linked from it. Should that parse fail, only non-default values count as given.
+        """
         args = getattr(self.parser, "args", None)  # what parse_args parsed (None for a dict / Namespace config)
         if args is None:
             return set()
-        given = self.parser.parse_args(args, defaults=False, _skip_validation=True)[subcommand].get("model")
+        root = self.config[subcommand].trainer.get("default_root_dir")
+        args = [*args, f"--trainer.default_root_dir={'null' if root is None else root}"]
+        parsers = (self.parser, self._parser(subcommand))
+        exit_on_error = [p.exit_on_error for p in parsers]
+        try:
+            for p in parsers:
+                p.exit_on_error = False  # raise instead of printing an error and exiting
+            given = self.parser.parse_args(args, defaults=False, _skip_validation=True)[subcommand].get("model")
+        except Exception:
+            return set()
+        finally:
+            for p, value in zip(parsers, exit_on_error):
+                p.exit_on_error = value
         return set(given.keys()) if given is not None else set()
 
     def _check_output_dirs(self) -> None:

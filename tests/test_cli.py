@@ -138,14 +138,17 @@ def test_explicit_flag_contradicting_the_checkpoint_is_an_error(cifar_dir, tiny_
     assert "--model.hidden_channels=32 (checkpoint: 16)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("subcommand", ["test", "sample"])
 def test_explicit_flag_equal_to_its_default_contradicting_the_checkpoint_is_an_error(
-    cifar_dir, tiny_checkpoint, tmp_path, capsys
+    subcommand, cifar_dir, tiny_checkpoint, tmp_path, capsys
 ):
     """512 is GlowModule's default hidden_channels: given explicitly, it must not silently become the checkpoint's 16."""
+    if subcommand == "test":
+        args = cli_args("test", cifar_dir, str(tmp_path), "--ckpt_path", tiny_checkpoint)
+    else:  # no config at all
+        args = ["sample", "--ckpt_path", tiny_checkpoint, "--output", str(tmp_path / "samples.png")]
     with pytest.raises(SystemExit) as exc:
-        run_cli(
-            cli_args("test", cifar_dir, str(tmp_path), "--ckpt_path", tiny_checkpoint, "--model.hidden_channels", "512")
-        )
+        run_cli([*args, "--model.hidden_channels", "512"])
     assert exc.value.code == 2
     assert "--model.hidden_channels=512 (checkpoint: 16)" in capsys.readouterr().err
 
