@@ -104,6 +104,16 @@ def test_compiled_graphs_do_not_grow_with_steps_per_level():
     assert counts[2] == counts[4] == TINY["levels"] + 1, counts
 
 
+def test_compile_raises_dynamo_recompile_limit_for_deep_flows():
+    """L+1 graphs per batch size: a deep flow would pass dynamo's default limit of 8 and run eager."""
+    before = torch._dynamo.config.recompile_limit
+    try:
+        Glow(in_channels=3, image_size=64, levels=5, steps_per_level=1, hidden_channels=4, compile=True)
+        assert torch._dynamo.config.recompile_limit >= 4 * 6
+    finally:
+        torch._dynamo.config.recompile_limit = before
+
+
 # aten ops that make the host wait for the device on CUDA (a Python bool/float of a tensor, data-dependent shapes)
 SYNC_OPS = ("aten._local_scalar_dense", "aten.equal", "aten.is_nonzero", "aten.nonzero", "aten.masked_select",
             "aten.unique", "aten._unique2", "aten.repeat_interleave")  # fmt: skip

@@ -50,6 +50,13 @@ def _compiled_step(mode: str):
     return _compiled_steps[mode]
 
 
+def _allow_graphs(count: int) -> None:
+    """Let dynamo keep ``count`` graphs of the shared flow step: one per level shape plus the first step (whose
+    input needs no gradient), times batch sizes and options (memory_saving). Past its limit (8 by default)
+    dynamo would silently run new shapes eager."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, count)
+
+
 def _positive_int(name: str, value) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -123,6 +130,8 @@ class Glow(nn.Module):
         if not isinstance(memory_saving, bool):
             raise ValueError(f"memory_saving must be a bool, got {memory_saving!r}")
         self.compile_mode: str | None = compile or None
+        if self.compile_mode:
+            _allow_graphs(4 * (levels + 1))
         self.memory_saving = memory_saving
         self._initializing = False
         self.config = {k: args[k] for k in ARCH_KEYS}
