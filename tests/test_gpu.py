@@ -12,28 +12,21 @@ import os
 import pytest
 import torch
 
-from glow_lightning import Glow
 from glow_lightning.cli import main
 
 from .conftest import fit_args
-from .test_speed import TINY, assert_same_step, twin
+from .test_speed import assert_same_step, perturbed_flow, twin
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture
 def cuda_reference():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # exact float32 convolutions: eager and compiled compared to 1e-5
     torch.backends.cuda.matmul.allow_tf32 = False
-    torch.manual_seed(0)
-    flow = Glow(**TINY).cuda()
-    x = torch.rand(4, 3, 8, 8, device="cuda")
-    flow.initialize(x)
-    with torch.no_grad():
-        for p in flow.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    yield flow, x
-    torch.backends.cudnn.allow_tf32 = True
+    yield perturbed_flow("cuda")
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.mark.parametrize("options", [{}, dict(memory_saving=True)], ids=["eager", "memory_saving"])

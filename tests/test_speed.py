@@ -29,16 +29,21 @@ def twin(reference: Glow, **options) -> Glow:
     return flow
 
 
-@pytest.fixture
-def reference() -> tuple[Glow, torch.Tensor]:
+def perturbed_flow(device: str = "cpu") -> tuple[Glow, torch.Tensor]:
+    """A tiny Glow initialised from a batch, its weights perturbed (nothing at its zero init), and the batch."""
     torch.manual_seed(0)
-    flow = Glow(**TINY)
-    x = torch.rand(4, 3, 8, 8)
+    flow = Glow(**TINY).to(device)
+    x = torch.rand(4, 3, 8, 8, device=device)
     flow.initialize(x)
     with torch.no_grad():
         for p in flow.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return flow, x
+
+
+@pytest.fixture
+def reference() -> tuple[Glow, torch.Tensor]:
+    return perturbed_flow()
 
 
 def assert_same_step(reference: Glow, fast: Glow, x: torch.Tensor, atol: float) -> None:

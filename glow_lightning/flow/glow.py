@@ -184,8 +184,7 @@ class Glow(nn.Module):
 
     def _check_values(self, x: Tensor, labels: Tensor | None, always: bool = False) -> None:
         """x finite in [0, 1], labels in range: in eval mode (or ``always``) only, since it syncs with the host
-        and the training step stays sync-free."""
-        self._check_images(x)
+        and the training step stays sync-free. After :meth:`_check_images`."""
         if (self.training and not always) or x.numel() == 0 or torch.compiler.is_compiling():
             return
         finite, low, high = torch.stack([torch.isfinite(x).all().to(x.dtype), x.min(), x.max()]).tolist()
@@ -218,13 +217,12 @@ class Glow(nn.Module):
         Call once before training (``GlowModule`` does it at the start of fit); under
         torch.distributed every rank must call it, and the statistics are all-reduced.
         """
-        self._check_values(x, labels, always=True)
         actnorms = [m for m in self.modules() if isinstance(m, ActNorm)]
         for m in actnorms:
             m.init_mode = True
         self._initializing = True
         try:
-            self._encode(x, labels)
+            self._encode(x, labels, check_values=True)
         finally:
             self._initializing = False
             for m in actnorms:
@@ -238,10 +236,15 @@ class Glow(nn.Module):
         run = _compiled_step(self.compile_mode) if self.compile_mode else _run_step
         return run(step, h)
 
-    def _encode(self, x: Tensor, labels: Tensor | None = None) -> tuple[list[Tensor], Tensor, list[Tensor]]:
-        """x -> (latents, logdet, per-level prior log-probs), all in one pass."""
+    def _encode(
+        self, x: Tensor, labels: Tensor | None = None, check_values: bool = False
+    ) -> tuple[list[Tensor], Tensor, list[Tensor]]:
+        """x -> (latents, logdet, per-level prior log-probs), all in one pass; ``check_values``: the values of x
+        and labels too (eval mode or initialisation only, see :meth:`_check_values`)."""
         self._check_images(x)
         self._check_labels(labels, x.shape[0])
+        if check_values:
+            self._check_values(x, labels, always=self._initializing)
         h = x - 0.5
         logdet = torch.zeros(x.shape[0], device=x.device)
         latents, prior_terms = [], []
@@ -263,8 +266,7 @@ class Glow(nn.Module):
 
     def encode(self, x: Tensor, labels: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
         """Images (B, C, H, W) in [0, 1] -> (one latent per level, log|det dlatents/dx| of shape (B,))."""
-        self._check_values(x, labels)
-        latents, logdet, _ = self._encode(x, labels)
+        latents, logdet, _ = self._encode(x, labels, check_values=True)
         return latents, logdet
 
     def log_prob_terms(self, x: Tensor, labels: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
@@ -272,8 +274,7 @@ class Glow(nn.Module):
 
         In eval mode, ``x`` is checked to be finite and in [0, 1] (and labels in range) first.
         """
-        self._check_values(x, labels)
-        _, logdet, prior_terms = self._encode(x, labels)
+        _, logdet, prior_terms = self._encode(x, labels, check_values=True)
         return prior_terms, logdet
 
     def log_prob(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
