@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from .prediction import read_predictions
+from .callbacks.predictions import read_predictions
 
 
 def plot_histogram(

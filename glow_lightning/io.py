@@ -1,4 +1,5 @@
-"""Checkpoint files that survive a kill, live on any fsspec filesystem and never run pickled code.
+"""Files: checkpoints that survive a kill, live on any fsspec filesystem and never run pickled code;
+image-grid PNGs; path joins that work for local paths and URLs alike.
 
 - **Atomic writes.** A checkpoint is serialised in memory, written to a temporary file *beside* its
   target (``.<name>.<random>.part``, same directory, so the same filesystem) and renamed over it.
@@ -13,6 +14,9 @@
 - **Clear errors.** An unreadable (truncated, corrupt) checkpoint raises
   :class:`UnreadableCheckpointError` naming the file; an unwritable directory raises
   :class:`NotWritableError` naming it, before any training.
+- **Grids.** :func:`save_grid` writes an image grid as a PNG to a local path or fsspec URL.
+
+Private library API used here (check on upgrades): ``lightning.fabric.utilities.cloud_io._is_object_storage``.
 """
 
 from __future__ import annotations
@@ -52,6 +56,19 @@ def first_line(err: BaseException) -> str:
 def join(directory: str, name: str) -> str:
     """``directory/name`` for local paths and URLs alike."""
     return directory.rstrip("/") + "/" + name
+
+
+def save_grid(grid: torch.Tensor, path: str) -> str:
+    """Write a (3, H, W) grid in [0, 1] as a PNG (local path or fsspec URL); returns the path."""
+    from torchvision.utils import save_image
+
+    fs, fs_path = url_to_fs(path)
+    parent = posixpath.dirname(fs_path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(fs_path, "wb") as f:
+        save_image(grid, f, format="png")
+    return path
 
 
 def _write_chunks(f, data: memoryview) -> None:
@@ -129,7 +146,7 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning CheckpointIO: atomic writes beside the target, ``weights_only=True`` loads, any fsspec URL.
 
-    :class:`~glow_lightning.checkpoint.GlowCheckpoint` installs it in place of Lightning's default.
+    The ``glow`` CLI's :class:`~glow_lightning.cli.subcommands.GlowTrainer` adds it when no CheckpointIO plugin is given.
     """
 
     @override

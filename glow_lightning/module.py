@@ -4,7 +4,10 @@ It holds no flow maths: the loss is the flow's bits/dim (Kingma & Dhariwal, 2018
 optimizer is Adam (or Adamax) with linear warmup (the paper's lr 1e-3 with warmup), and ActNorm's
 data-dependent initialisation runs once, at the start of fit, from training data (DESIGN.md rule 1).
 An update whose loss or gradients are not finite is skipped on every rank and counted
-(``train/skipped_steps``); too many in a row stop training (:mod:`.guard`).
+(``train/skipped_steps``); too many in a row stop training: the
+:class:`~glow_lightning.callbacks.nonfinite.NonFiniteGuard` callback, which ``configure_callbacks`` adds.
+
+Private library API used here (check on upgrades): ``torch.utils._foreach_utils._get_fused_kernels_supported_devices``.
 """
 
 from __future__ import annotations
@@ -18,12 +21,11 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from .data.base import EVAL_STREAM
+from .callbacks.nonfinite import NonFiniteGuard
 from .flow import Glow
 from .flow.dequantization import VariationalDequantizer, dequantize, unit_noise
 from .flow.glow import ARCH_KEYS, CompileMode
 from .flow.layers import Coupling, Permutation
-from .guard import NonFiniteTrainingError, first_nonfinite_gradient, first_nonfinite_layer, total_grad_norm
 from .metrics import BitsPerDim
 
 
@@ -140,9 +142,7 @@ class GlowModule(L.LightningModule):
         if num_classes:  # classification accuracy of the top-latent classifier
             self.val_acc = MulticlassAccuracy(num_classes, average="micro")
             self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.skipped_steps, self._consecutive_skips = 0, 0  # non-finite guard (saved in checkpoints)
-        self._loss_finite: torch.Tensor | None = None  # on the device: no host sync in training_step
-        self._last_batch: dict | None = None
+        self.skipped_steps = 0  # set by the NonFiniteGuard callback, which keeps (and saves) the counts
 
     # ------------------------------------------------------------------ steps
     def _labels(self, batch: dict) -> torch.Tensor | None:
@@ -173,10 +173,10 @@ class GlowModule(L.LightningModule):
     def _iw_log_prob(self, batch: dict) -> torch.Tensor:
         """logmeanexp over S noise draws of log p(x_s) - log q(u_s | bins): the importance-weighted bound (B,).
 
-        Draw s uses the datamodule's evaluation noise on stream ``EVAL_STREAM + s``; draw 0 is ``batch["x"]``.
+        Draw s is the datamodule's evaluation noise draw s; draw 0 is ``batch["x"]``.
         """
         draws = [batch["x"]] + [
-            self.trainer.datamodule.dequantize(batch["bins"], batch["index"], EVAL_STREAM + s)
+            self.trainer.datamodule.evaluation_draw(batch["bins"], batch["index"], s)
             for s in range(1, self.hparams.iw_samples)
         ]
         log_w = torch.stack([self._log_prob(batch, x) for x in draws])  # (S, B)
@@ -205,56 +205,13 @@ class GlowModule(L.LightningModule):
     @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")
-        finite = torch.isfinite(loss.detach())
-        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
-        self._last_batch = batch
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
     @override
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Skip this update on every rank if its loss or any gradient is non-finite (one flag, one sync);
-        log the total L2 norm of the gradients (unscaled, averaged over DDP ranks, before clipping)."""
-        loss_finite = self._loss_finite if self._loss_finite is not None else torch.ones((), device=self.device)
-        self._loss_finite = None
-        norm = total_grad_norm(self.parameters())  # on the device
-        flag = loss_finite.bool() if norm is None else loss_finite.bool() & torch.isfinite(norm)
-        finite = bool(self.trainer.strategy.reduce(flag.float(), reduce_op="min"))  # the one host sync per step
-        if finite:
-            self._consecutive_skips = 0
-            if norm is not None:
-                self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
-        else:
-            self.skipped_steps += 1
-            self._consecutive_skips += 1
-            if self._consecutive_skips >= self.hparams.max_consecutive_skips:
-                raise NonFiniteTrainingError(self._diagnose_nonfinite())
-            if getattr(self.trainer.precision_plugin, "scaler", None) is None:  # a GradScaler skips by itself
-                optimizer.zero_grad(set_to_none=True)  # the optimizer leaves parameters without grads alone
-        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
-
-    def _diagnose_nonfinite(self) -> str:
-        """The error message of the non-finite guard: the step, and where the values became non-finite."""
-        batch = self._last_batch
-        if batch is not None and not torch.isfinite(batch["x"]).all():
-            where = "the input batch (batch['x']) holds non-finite values"
-        else:
-            layer = batch is not None and first_nonfinite_layer(
-                self.flow, lambda: self.flow.log_prob(batch["x"], self._labels(batch)), prefix="flow."
-            )
-            grad = first_nonfinite_gradient(self, prefix="")
-            if layer:
-                where = f"the first layer whose output became non-finite is {layer}"
-            elif grad:
-                where = f"the forward pass is finite; the first non-finite gradient is that of {grad}"
-            else:
-                where = "the forward pass of the last batch is finite again (the loss was not)"
-        return (
-            f"training stopped at global step {self.global_step}: {self._consecutive_skips} optimizer steps in a "
-            f"row had a non-finite loss or gradient (max_consecutive_skips={self.hparams.max_consecutive_skips}); "
-            f"{where}. Checkpoints saved before this step are intact: lower the learning rate or raise "
-            "warmup_steps, and resume from one of them."
-        )
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The non-finite guard (skips, counts and stops; see :mod:`glow_lightning.callbacks.nonfinite`)."""
+        return [NonFiniteGuard()]
 
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -323,10 +280,6 @@ class GlowModule(L.LightningModule):
 
     # ------------------------------------------------------------ checkpoints
     @override
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["skipped_steps"] = self.skipped_steps
-
-    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another architecture, naming the hyperparameters that differ."""
         saved = checkpoint.get("hyper_parameters", {})
@@ -334,4 +287,3 @@ class GlowModule(L.LightningModule):
         if differ:
             lines = ", ".join(f"{k}: checkpoint {a!r} vs this model {b!r}" for k, (a, b) in differ.items())
             raise CheckpointMismatchError(f"the checkpoint was trained with another architecture ({lines})")
-        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))

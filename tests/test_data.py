@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from glow_lightning.data import CIFAR10DataModule
-from glow_lightning.data.base import EVAL_STREAM
+from glow_lightning.data.noise import EVAL_STREAM
 
 
 def datamodule(cifar_dir, **kwargs) -> CIFAR10DataModule:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from glow_lightning import Glow
-from glow_lightning.checkpoint import GlowCheckpoint
+from glow_lightning.callbacks import GlowCheckpoint
 from glow_lightning.cli import GlowCLI
 from glow_lightning.data import CIFAR10DataModule
 from glow_lightning.flow.layers import ActNorm, ZeroConv2d

@@ -8,9 +8,9 @@ import lightning as L
 import pytest
 import torch
 
-from glow_lightning.checkpoint import GlowCheckpoint
+from glow_lightning.callbacks import GlowCheckpoint
+from glow_lightning.callbacks.ema import GlowEMA, averaged_weights
 from glow_lightning.data import CIFAR10DataModule
-from glow_lightning.ema import GlowEMA, averaged_weights, exact_ema
 from glow_lightning.module import GlowModule
 
 TINY = dict(levels=2, steps_per_level=1, hidden_channels=16, warmup_steps=1, init_batch_size=16, permutation="invconv")
@@ -126,14 +126,15 @@ def test_resume_restores_raw_and_averaged_weights(ema_run, cifar_dir):
     assert n_averaged == 4
 
 
-def test_exact_ema_copies_integer_and_boolean_buffers():
-    update = exact_ema(0.999)
-    perm = torch.tensor([5, 3, 1, 0, 2, 4])
-    assert torch.equal(update(perm.clone(), perm, None), perm)
-    assert update(torch.tensor(False), torch.tensor(True), None).item() is True
-    sign = torch.tensor([-1.0, 1.0, -1.0])
-    assert torch.equal(update(sign.clone(), sign, None), sign)  # constant float buffers stay exact
-    torch.testing.assert_close(update(torch.zeros(1), torch.ones(1), None), torch.tensor([0.001]))
+def test_buffers_are_not_averaged_and_survive_every_swap_exactly(ema_run):
+    """ActNorm's boolean flag (and any permutation, LU mask or sign): the EMA and raw states hold the
+    module's own buffers, bit for bit (an EMA formula would round or truncate them)."""
+    _, model, _, _, ckpt = ema_run
+    buffers = {name for name, _ in model.named_buffers()}
+    assert buffers and any(name.endswith("initialized") for name in buffers)
+    for name in buffers:
+        assert torch.equal(ckpt["state_dict"][name], ckpt["current_model_state"][name]), name
+        assert torch.equal(ckpt["state_dict"][name], model.state_dict()[name]), name
 
 
 def test_ema_is_off_by_default_and_validates_decay():
@@ -143,7 +144,7 @@ def test_ema_is_off_by_default_and_validates_decay():
 
 
 def test_image_callbacks_draw_with_the_averaged_weights(cifar_dir, tmp_path):
-    from glow_lightning.callbacks import _EpochImages
+    from glow_lightning.callbacks.images import _EpochImages
 
     class GridProbe(_EpochImages):
         def grids(self, trainer, pl_module):

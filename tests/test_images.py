@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
-from glow_lightning.callbacks import InterpolationImages, ReconstructionImages, eval_mode, fixed_images, log_image_grid
+from glow_lightning.callbacks.images import InterpolationImages, ReconstructionImages, eval_mode, log_image_grid
 from glow_lightning.cli import main
 from glow_lightning.data import CIFAR10DataModule
 from glow_lightning.module import GlowModule
@@ -44,7 +44,7 @@ def data_args(cifar_dir: str, root: str) -> list[str]:
 def val_pixels(cifar_dir: str, count: int) -> np.ndarray:
     """The first validation images as the fit saw them: (count, 32, 32, 3) uint8."""
     dm = CIFAR10DataModule(data_dir=cifar_dir, download=False, val_size=8)
-    return fixed_images(dm, "val", count)["bins"].permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    return dm.fixed_images("val", count)["bins"].permute(0, 2, 3, 1).numpy().astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------------------ callbacks

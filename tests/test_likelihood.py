@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from glow_lightning import Glow
+from glow_lightning.callbacks.predictions import read_predictions
 from glow_lightning.cli import main
 from glow_lightning.data import CIFAR10DataModule
-from glow_lightning.data.base import EVAL_STREAM
+from glow_lightning.data.noise import EVAL_STREAM
 from glow_lightning.histogram import main as histogram_main
 from glow_lightning.module import GlowModule
-from glow_lightning.prediction import read_predictions
 
 from .conftest import config
 

@@ -12,12 +12,12 @@ import fsspec
 import pytest
 import torch
 
-import glow_lightning.checkpoint_io as cio
+import glow_lightning.io as cio
 from glow_lightning import Glow
-from glow_lightning.checkpoint_io import AtomicCheckpointIO, UnreadableCheckpointError, load_checkpoint_file
+from glow_lightning.callbacks import InvertibilityMonitor
 from glow_lightning.cli import main
+from glow_lightning.io import AtomicCheckpointIO, UnreadableCheckpointError, load_checkpoint_file
 from glow_lightning.module import GlowModule
-from glow_lightning.monitor import InvertibilityMonitor
 
 from .conftest import ROOT, fit_args
 from .reliability_helpers import LrRecorder, NanInput
@@ -91,7 +91,7 @@ def test_a_save_interrupted_halfway_leaves_the_previous_checkpoint(tmp_path, mon
 
 KILL_DURING_THIRD_WRITE = """
 import os, signal, sys
-import glow_lightning.checkpoint_io as cio
+import glow_lightning.io as cio
 writes, original = [], cio._write_chunks
 def write(f, data):
     writes.append(len(data))
@@ -140,7 +140,7 @@ def test_a_nan_batch_skips_that_update_and_is_counted(cifar_dir, tmp_path):
     assert torch.equal(nan.before[5], nan.before[6])  # step 5 (NaN input) left the weights alone
     assert not torch.equal(nan.before[4], nan.before[5]) and not torch.equal(nan.before[6], nan.before[7])
     ckpt = load_checkpoint_file(str(tmp_path / "checkpoints" / "last.ckpt"))
-    assert ckpt["skipped_steps"] == 1
+    assert ckpt["callbacks"]["NonFiniteGuard"] == {"skipped_steps": 1, "consecutive_skips": 0}
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
 

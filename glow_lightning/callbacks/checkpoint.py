@@ -7,10 +7,11 @@
   auto-inserted metric name would make a subfolder.
 - A new fit (no ``--ckpt_path``) into a directory that already holds checkpoints stops with a
   message instead of overwriting an earlier run.
-- Checkpoints are written atomically and loaded with ``weights_only=True``
-  (:class:`~glow_lightning.checkpoint_io.AtomicCheckpointIO`, installed at setup in place of
-  Lightning's default); a fit first checks that the directory is writable and removes the temporary
-  files of a writer that was killed.
+- A fit first checks that the directory is writable and removes the temporary files of a writer
+  that was killed. (Atomic writes and ``weights_only=True`` loads are the CheckpointIO's job:
+  :class:`~glow_lightning.io.AtomicCheckpointIO`, which the ``glow`` CLI's trainer adds.)
+
+Private library API used here (check on upgrades): ``ModelCheckpoint._fs``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from __future__ import annotations
 from typing import Literal
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
-from .checkpoint_io import AtomicCheckpointIO, check_writable, remove_stale_temporaries
+from ..io import check_writable, remove_stale_temporaries
 
 
 class GlowCheckpoint(ModelCheckpoint):
@@ -65,8 +65,6 @@ class GlowCheckpoint(ModelCheckpoint):
     @override
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # leave custom / async IO alone
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if stage == "fit" and self.dirpath and trainer.is_global_zero:
             check_writable(self.dirpath, "checkpoint directory")
             remove_stale_temporaries(self.dirpath)

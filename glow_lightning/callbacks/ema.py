@@ -9,13 +9,17 @@ training ends and writes it to the checkpoint's ``state_dict`` (the raw weights 
 What this subclass adds for Glow:
 
 - Off unless ``decay`` is set (one config line: ``ema: {decay: 0.999}`` or ``--ema.decay 0.999``).
-- Exact averaging of buffers: ``lerp`` for floating-point tensors (exact for constant ones such as
-  the LU masks and signs) and a plain copy for the others (ActNorm's boolean ``initialized`` flag,
-  integer permutations), which an EMA formula would round or truncate.
+- Only parameters are averaged (``use_buffers=False``): the flow's buffers are constants (LU masks and
+  signs, permutations) and ActNorm's ``initialized`` flag, which an EMA formula would round or truncate.
+  Lightning's swap and final copy move buffers too, so the average's buffers are set to the module's
+  once ActNorm is initialised (``on_train_start``); from then on both hold the same constants.
 - No swap or copy before the first update (the average is then a copy taken before ActNorm's
   data-dependent initialisation, e.g. during Lightning's sanity check).
 - :func:`averaged_weights`: a context manager for other callbacks (image grids) to run with the
   EMA weights whenever they are not already swapped in.
+
+Private library API used here (check on upgrades): ``WeightAveraging._average_model``, ``_swap_models``,
+``_copy_average_to_current``.
 
 The 1x1 convolution's eval cache compares weights by value, so swaps through ``.data.copy_``
 (which do not bump tensor versions) still refresh its inverse and log-determinant.
@@ -30,18 +34,6 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from typing_extensions import override
-
-
-def exact_ema(decay: float):
-    """``avg_fn`` for AveragedModel: EMA by lerp for float tensors, copy for bool / integer ones."""
-
-    @torch.no_grad()
-    def update(average: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        if average.is_floating_point():
-            return torch.lerp(average, current, 1.0 - decay)
-        return current.clone()
-
-    return update
 
 
 class GlowEMA(EMAWeightAveraging):
@@ -68,13 +60,12 @@ class GlowEMA(EMAWeightAveraging):
             raise ValueError(f"ema update_every_n_steps must be >= 1, got {update_every_n_steps!r}")
         super().__init__(
             device=device,
-            use_buffers=True,
+            use_buffers=False,
             decay=0.0 if decay is None else decay,
             update_every_n_steps=update_every_n_steps,
             update_starting_at_step=update_starting_at_step,
         )
         self.decay = decay
-        self._kwargs["avg_fn"] = exact_ema(decay or 0.0)  # replaces Lightning's get_ema_avg_fn (see module doc)
         self.swapped = False  # True while the module holds the EMA weights and the average the raw ones
 
     @property
@@ -88,6 +79,14 @@ class GlowEMA(EMAWeightAveraging):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.enabled:
             super().setup(trainer, pl_module, stage)
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """ActNorm is initialised by now (GlowModule.on_fit_start): give the average the module's buffers."""
+        if self._average_model is not None:
+            with torch.no_grad():
+                for average, current in zip(self._average_model.module.buffers(), pl_module.buffers()):
+                    average.copy_(current)
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -4,45 +4,30 @@ Each callback runs at the end of every ``every_n_epochs``-th training epoch, on 
 model in eval mode, with the EMA weights when EMA is on, and no gradients (train mode is restored after), and hands its grids to
 :func:`log_image_grid`: to every active logger (W&B ``log_image``, TensorBoard ``add_image``) and,
 always, to a PNG file ``<default_root_dir>/images/<name>_epoch<NNN>.png``. The maths lives in
-:mod:`glow_lightning.flow.visualize`; the images come from the datamodule (fixed, deterministic
-picks from its validation split, prepared without noise).
+:mod:`glow_lightning.flow.visualize` (the same grid builders as ``glow reconstruct`` / ``interpolate``);
+the images come from the datamodule's ``fixed_images`` (fixed, deterministic picks from its
+validation split, prepared without flips).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
 
-import fsspec
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
-from .checkpoint_io import join
+from ..flow.visualize import Interpolation, image_grid, interpolation_grid, reconstruction_grid
+from ..io import join, save_grid
 from .ema import averaged_weights
-from .flow.visualize import Interpolation, image_grid, interpolate, reconstruct, side_by_side
 
 Split = Literal["train", "val", "test"]
-
-
-def save_grid(grid: Tensor, path: str) -> str:
-    """Write a (3, H, W) grid in [0, 1] as a PNG (local or fsspec path); returns the path."""
-    from torchvision.utils import save_image
-
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    parent = os.path.dirname(fs_path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fsspec.open(path, "wb") as f:
-        save_image(grid, f, format="png")
-    return path
 
 
 def images_dir(trainer: L.Trainer) -> str:
@@ -85,25 +70,6 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-def fixed_images(datamodule, split: Split, num_images: int, device: torch.device | str = "cpu") -> dict:
-    """The first ``num_images`` images of a datamodule split, prepared without noise or flips.
-
-    Returns the datamodule's batch dict (``x``, ``bins``, ``label``, ``index``) on ``device``; the same
-    images every time (a split's images are in a fixed, seeded order).
-    """
-    if not hasattr(datamodule, "splits") or not hasattr(datamodule, "prepare_batch"):
-        raise ValueError(f"real images need a glow_lightning datamodule, got {type(datamodule).__name__}")
-    if split not in datamodule.splits:
-        datamodule.setup("test" if split == "test" else "validate")
-    dataset = datamodule.splits[split]
-    if len(dataset) == 0:
-        raise ValueError(f"the datamodule's {split!r} split is empty")
-    picks = list(range(min(num_images, len(dataset))))
-    batch = next(iter(DataLoader(Subset(dataset, picks), batch_size=len(picks))))
-    batch = {k: v.to(device) for k, v in batch.items()}
-    return datamodule.prepare_batch(batch, train=False)
-
-
 def labels_of(flow, batch: dict) -> Tensor | None:
     return batch["label"] if flow.num_classes else None
 
@@ -122,8 +88,11 @@ class _EpochImages(Callback):
 
     def images(self, trainer: L.Trainer, split: Split, num_images: int, device: torch.device) -> dict | None:
         """Fixed images of the trainer's datamodule, or None (with a warning) where there are none."""
+        datamodule = getattr(trainer, "datamodule", None)
         try:
-            return fixed_images(getattr(trainer, "datamodule", None), split, num_images, device)
+            if not hasattr(datamodule, "fixed_images"):
+                raise ValueError(f"real images need a glow_lightning datamodule, got {type(datamodule).__name__}")
+            return datamodule.fixed_images(split, num_images, device)
         except ValueError as err:
             rank_zero_warn(f"{type(self).__name__}: no images ({err})")
             return None
@@ -203,9 +172,7 @@ class ReconstructionImages(_EpochImages):
         batch = self.images(trainer, self.split, self.num_images, flow.device)
         if batch is None:
             return
-        targets = batch["bins"].float() / 2**flow.n_bits
-        recon = reconstruct(flow, batch["bins"], labels_of(flow, batch))
-        grid = image_grid(side_by_side(targets, recon), flow.n_bits, 2 * self.pairs_per_row)
+        grid = reconstruction_grid(flow, batch["bins"], labels_of(flow, batch), self.pairs_per_row)
         yield "reconstructions", grid, "target | reconstruction"
 
 
@@ -245,10 +212,7 @@ class InterpolationImages(_EpochImages):
         if pairs == 0:
             rank_zero_warn(f"InterpolationImages: the {self.split!r} split has fewer than 2 images")
             return
-        labels = labels_of(flow, batch)
-        a, b = slice(0, pairs), slice(pairs, 2 * pairs)
-        images = interpolate(
-            flow, batch["bins"][a], batch["bins"][b], self.steps, self.method,
-            labels[a] if labels is not None else None, labels[b] if labels is not None else None,
-        )  # fmt: skip
-        yield f"interpolations/{self.method}", image_grid(images, flow.n_bits, self.steps), f"{self.method}"
+        bins, labels = batch["bins"][: 2 * pairs], labels_of(flow, batch)
+        labels = labels[: 2 * pairs] if labels is not None else None
+        grid = interpolation_grid(flow, bins, self.steps, self.method, labels)
+        yield f"interpolations/{self.method}", grid, self.method

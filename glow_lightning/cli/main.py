@@ -10,7 +10,7 @@
 - The checkpoint callback is registered as ``checkpoint`` (not in ``trainer.callbacks``, which a
   stacked config would replace), with its directory fixed at ``<default_root_dir>/checkpoints``;
   so are the image-grid callbacks (``samples``, ``reconstructions``, ``interpolations``).
-- ``sample``, ``reconstruct`` and ``interpolate`` are :class:`~glow_lightning.trainer.GlowTrainer`
+- ``sample``, ``reconstruct`` and ``interpolate`` are :class:`~glow_lightning.cli.subcommands.GlowTrainer`
   methods; ``sample`` needs no datamodule (the image shape comes from the checkpoint).
 - With ``--ckpt_path``, the model's hyperparameters come from the checkpoint; a value set
   explicitly (on the command line or in a config) that contradicts the checkpoint is an error.
@@ -18,6 +18,22 @@
   also finds checkpoints on s3://, gs:// or memory:// (Lightning's own lookup drops the protocol).
 - User errors (bad values, missing or unreadable files, unwritable directories, a training run
   stopped by the non-finite guard) end with a one-line ``glow: error: ...``, not a traceback.
+
+Private library API used here, each for want of a public hook (check these on a Lightning or
+jsonargparse upgrade):
+
+- ``LightningCLI._prepare_subcommand_parser``: ``glow sample`` without a datamodule (no public way to
+  make the datamodule optional for one subcommand).
+- ``LightningCLI._parse_ckpt_path``: where LightningCLI reads ``--ckpt_path`` hyperparameters; ours checks
+  them against what was given.
+- ``LightningCLI._run_subcommand`` and ``LightningCLI._parser``: our subcommands' ValueErrors become parser
+  errors (exit code 2) of the right subcommand.
+- ``ArgumentParser.parse_args(..., _skip_validation=True)``: re-parsing without defaults to find the keys
+  given explicitly.
+- Message wording of jsonargparse / argparse read by :func:`condense` and ``GlowArgumentParser.error``:
+  ``Parser key "KEY":``, ``Problem with given class_path '...':``, ``- Expected a <class 'NoneType'>``,
+  ``Given value:``, ``Errors:`` and argparse's ``argument --X: expected one argument``. Should the wording
+  change, the message stays complete, only longer (tests/test_bad_input.py shows it).
 """
 
 from __future__ import annotations
@@ -32,19 +48,23 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from . import __version__
-from .callbacks import InterpolationImages, ReconstructionImages, SampleImages
-from .checkpoint import GlowCheckpoint
-from .checkpoint_io import NotWritableError, UnreadableCheckpointError, check_writable, join, load_checkpoint_file
-from .data import GlowDataModule
-from .data.base import DatasetError
-from .ema import GlowEMA
-from .guard import NonFiniteTrainingError
-from .module import CheckpointMismatchError, GlowModule
-from .monitor import InvertibilityMonitor
-from .prediction import LikelihoodWriter
+from .. import __version__
+from ..callbacks import (
+    GlowCheckpoint,
+    GlowEMA,
+    InterpolationImages,
+    InvertibilityMonitor,
+    LikelihoodWriter,
+    NonFiniteTrainingError,
+    ReconstructionImages,
+    SampleImages,
+)
+from ..data import GlowDataModule
+from ..data.base import DatasetError
+from ..io import NotWritableError, UnreadableCheckpointError, check_writable, join, load_checkpoint_file
+from ..module import CheckpointMismatchError, GlowModule
+from .subcommands import GlowTrainer
 from .tracking import LoggerSaveConfigCallback, wandb_save_dir_in_run
-from .trainer import GlowTrainer
 
 LINKED_FROM_DATA = {
     "num_channels": "in_channels",
@@ -277,7 +297,3 @@ def main(args: list[str] | None = None) -> GlowCLI | None:
 def entry() -> None:
     """The ``glow`` console script (``main`` without a return value, which sys.exit would print)."""
     main()
-
-
-if __name__ == "__main__":
-    entry()

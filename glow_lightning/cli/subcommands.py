@@ -5,6 +5,9 @@ LightningCLI turns each method's typed arguments and docstring into ``glow <subc
 (``torch.load(weights_only=True)``: no code in the file runs), works on the trainer's root device
 (the GPU when there is one), writes one PNG grid and prints where. Sampling draws from torch's
 global generator, so ``--seed_everything S`` makes it reproducible.
+
+Private library API used here (check on upgrades): ``_PLUGIN_INPUT``, the type of ``Trainer(plugins=...)``
+(lightning.pytorch.trainer.connectors.accelerator_connector), repeated so the CLI documents ``--trainer.plugins``.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ import os
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.trainer.connectors.accelerator_connector import _PLUGIN_INPUT
 
-from .callbacks import Split, fixed_images, labels_of, save_grid
-from .checkpoint_io import NotWritableError, first_line, load_checkpoint_file
-from .flow.visualize import Interpolation, image_grid, interpolate, reconstruct, side_by_side
+from ..callbacks.images import Split, labels_of
+from ..flow.visualize import Interpolation, image_grid, interpolation_grid, reconstruction_grid
+from ..io import AtomicCheckpointIO, NotWritableError, first_line, load_checkpoint_file, save_grid
 
 
 def load_weights(model: L.LightningModule, ckpt_path: str) -> None:
@@ -26,8 +31,26 @@ def load_weights(model: L.LightningModule, ckpt_path: str) -> None:
     model.load_state_dict(ckpt["state_dict"])
 
 
+def _with_atomic_checkpoint_io(plugins):
+    """``plugins`` plus an :class:`~glow_lightning.io.AtomicCheckpointIO` unless one of them is a CheckpointIO."""
+    if plugins is None:
+        plugins = []
+    elif not isinstance(plugins, (list, tuple)):
+        plugins = [plugins]
+    if any(isinstance(p, CheckpointIO) for p in plugins):
+        return list(plugins)  # the user's own checkpoint IO (async, cloud, ...) is left alone
+    return [*plugins, AtomicCheckpointIO()]
+
+
 class GlowTrainer(L.Trainer):
-    """Lightning's Trainer with Glow's image subcommands (``glow sample``, ``reconstruct``, ``interpolate``)."""
+    """Lightning's Trainer with Glow's image subcommands (``glow sample``, ``reconstruct``, ``interpolate``).
+
+    Checkpoints are written atomically and loaded with ``weights_only=True`` (:class:`~glow_lightning.io.AtomicCheckpointIO`)
+    unless ``plugins`` holds a CheckpointIO of its own.
+    """
+
+    def __init__(self, *args, plugins: _PLUGIN_INPUT | list[_PLUGIN_INPUT] | None = None, **kwargs):
+        super().__init__(*args, plugins=_with_atomic_checkpoint_io(plugins), **kwargs)
 
     def _prepare(self, model: L.LightningModule, ckpt_path: str) -> L.LightningModule:
         load_weights(model, ckpt_path)
@@ -122,10 +145,8 @@ class GlowTrainer(L.Trainer):
         self._check_output(output, pairs_per_row=pairs_per_row)
         flow = self._prepare(model, ckpt_path).flow
         batch = self._images(datamodule, split, num_images, flow.device)
-        recon = reconstruct(flow, batch["bins"], labels_of(flow, batch))
-        targets = batch["bins"].float() / 2**flow.n_bits
-        grid = image_grid(side_by_side(targets, recon), flow.n_bits, 2 * pairs_per_row)
-        return self._write(grid, output, f"{len(recon)} {split} images and reconstructions")
+        grid = reconstruction_grid(flow, batch["bins"], labels_of(flow, batch), pairs_per_row)
+        return self._write(grid, output, f"{len(batch['bins'])} {split} images and reconstructions")
 
     @torch.no_grad()
     def interpolate(
@@ -164,18 +185,15 @@ class GlowTrainer(L.Trainer):
             raise ValueError(
                 f"--pairs {pairs} needs {2 * pairs} images; the {split!r} split has {batch['bins'].shape[0]}"
             )
-        labels = labels_of(flow, batch)
-        a, b = slice(0, pairs), slice(pairs, 2 * pairs)
-        images = interpolate(
-            flow, batch["bins"][a], batch["bins"][b], steps, method,
-            labels[a] if labels is not None else None, labels[b] if labels is not None else None,
-        )  # fmt: skip
-        return self._write(image_grid(images, flow.n_bits, steps), output, f"{pairs} {method} interpolations")
+        grid = interpolation_grid(flow, batch["bins"], steps, method, labels_of(flow, batch))
+        return self._write(grid, output, f"{pairs} {method} interpolations")
 
     def _images(self, datamodule, split: str, num_images: int, device) -> dict:
         if datamodule is None:
             raise ValueError("this subcommand needs images: pass the training config (--config) or --data")
         if num_images < 1:
             raise ValueError(f"the number of images must be >= 1, got {num_images}")
+        if not hasattr(datamodule, "fixed_images"):
+            raise ValueError(f"real images need a glow_lightning datamodule, got {type(datamodule).__name__}")
         datamodule.prepare_data()
-        return fixed_images(datamodule, split, num_images, device)
+        return datamodule.fixed_images(split, num_images, device)

@@ -2,8 +2,7 @@
 
 Datasets yield raw uint8 pixels; everything random happens on the device, in
 ``on_after_batch_transfer``, as a pure function of ``(seed, stream, image index)`` through a
-counter-based hash (in the spirit of Salmon et al., 2011, "Parallel random numbers: as easy as
-1, 2, 3"). So:
+counter-based hash (:mod:`.noise`). So:
 
 - evaluation noise depends only on (seed, index): val/test bits/dim do not depend on the run, the
   worker count or the number of devices;
@@ -22,17 +21,13 @@ from typing import Literal
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from typing_extensions import override
 
 from ..flow.quantize import bins_to_unit, check_n_bits, pixels_to_bins
-
-_MASK32 = 0xFFFFFFFF
-EVAL_STREAM = 0x7FFF_FFF0  # noise stream of val / test / predict (training uses the epoch number)
-_FLIP_SALT = 0x68E3_1DA4
+from .noise import EVAL_STREAM, flip_mask, item_keys, uniform_from_keys
 
 
 class DatasetError(ValueError):
@@ -63,36 +58,6 @@ def check_image_shape(dataset: Dataset, expected: tuple[int, int, int], where: s
             f"images in {where} have shape {shape} (C, H, W), but this datamodule expects {expected}: "
             "use a datamodule (or num_channels / image_size) that matches the dataset"
         )
-
-
-def hash32(x: Tensor) -> Tensor:
-    """A 32-bit integer mixer (int64 tensors holding values < 2**32), vectorised on any device."""
-    x = x & _MASK32
-    x = ((x ^ (x >> 16)) * 0x045D9F3B) & _MASK32
-    x = ((x ^ (x >> 16)) * 0x045D9F3B) & _MASK32
-    return x ^ (x >> 16)
-
-
-def item_keys(seed: int, stream: int, index: Tensor) -> Tensor:
-    """One 32-bit key per image from (seed, stream, index): (B,) int64."""
-    key = hash32(torch.full_like(index, seed & _MASK32))
-    key = hash32(key ^ (stream & _MASK32))
-    return hash32(key ^ (index & _MASK32))
-
-
-def uniform_from_keys(keys: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """Per-key deterministic U(0, 1) noise of ``shape`` per key: (B,) -> (B, *shape), float32."""
-    numel = 1
-    for s in shape:
-        numel *= s
-    pos = torch.arange(numel, device=keys.device, dtype=torch.int64)
-    h = hash32(keys[:, None] + pos * 0x9E3779B9)  # (B, numel)
-    u = ((h >> 8).float() + 0.5) / 2**24  # strictly inside (0, 1), exact in float32
-    return u.view(keys.shape[0], *shape)
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class IndexedDataset(Dataset):
@@ -253,7 +218,7 @@ class GlowDataModule(L.LightningDataModule):
         dataset = self.splits[split]
         if train:
             sampler = EpochRandomSampler(dataset, self.seed)  # Lightning shards it over DDP ranks
-        elif _world_size() > 1:
+        elif self._rank_and_world_size()[1] > 1:
             # Evaluation under DDP: every image exactly once over all ranks (Lightning's DistributedSampler
             # would pad uneven sets with repeats and bias val/test bits/dim); ranks may differ by one image.
             sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
@@ -294,7 +259,7 @@ class GlowDataModule(L.LightningDataModule):
 
     def flip_images(self, bins: Tensor, index: Tensor, stream: int) -> Tensor:
         """Mirror about half of the images left-right, as a function of (seed, stream, index)."""
-        flip = (hash32(item_keys(self.seed, stream, index) ^ _FLIP_SALT) & 1).bool()
+        flip = flip_mask(self.seed, stream, index)
         return torch.where(flip[:, None, None, None], bins.flip(-1), bins)
 
     def prepare_batch(self, batch: dict, train: bool, epoch: int = 0) -> dict:
@@ -312,17 +277,49 @@ class GlowDataModule(L.LightningDataModule):
         train = trainer is not None and trainer.training
         return self.prepare_batch(batch, train=train, epoch=trainer.current_epoch if train else 0)
 
+    def evaluation_draw(self, bins: Tensor, index: Tensor, draw: int) -> Tensor:
+        """Evaluation noise draw ``draw`` of these bins: draw 0 is the ``x`` of an evaluation batch; draws 1, 2, ...
+        are further independent ones (importance-weighted bounds), each a function of (seed, draw, index)."""
+        return self.dequantize(bins, index, EVAL_STREAM + draw)
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        """The attached trainer's global rank and world size; (0, 1) outside a trainer."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def split(self, name: str) -> Dataset:
+        """The ``train``, ``val`` or ``test`` split (set up on first use)."""
+        if name not in self.splits:
+            self.setup({"train": "fit", "test": "test"}.get(name, "validate"))
+        return self.splits[name]
+
+    def images(self, split: str, picks: list[int], device: torch.device | str = "cpu", *, train: bool = False) -> dict:
+        """Images ``picks`` (positions in ``split``) as one prepared batch on ``device``.
+
+        ``train=False``: evaluation preparation (no flips, evaluation noise); ``train=True``: epoch 0's
+        training preparation. Sets up the split if needed.
+        """
+        batch = next(iter(DataLoader(Subset(self.split(split), picks), batch_size=len(picks))))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        return self.prepare_batch(batch, train=train, epoch=0)
+
+    def fixed_images(self, split: str, num_images: int, device: torch.device | str = "cpu") -> dict:
+        """The first ``num_images`` images of ``split`` (fewer if it has fewer), without noise-dependent picks or flips.
+
+        The same images every time (a split's images are in a fixed, seeded order): for image grids and checks.
+        Raises ValueError when the split is empty.
+        """
+        size = len(self.split(split))
+        if size == 0:
+            raise ValueError(f"the datamodule's {split!r} split is empty")
+        return self.images(split, list(range(min(num_images, size))), device)
+
     def init_batch(self, num_images: int, device: torch.device | str = "cpu") -> dict:
-        """A prepared batch of ``num_images`` training images for ActNorm's data-dependent init.
+        """A prepared batch of ``num_images`` random training images for ActNorm's data-dependent init.
 
         Different random images on each DDP rank (the statistics are all-reduced over ranks).
         """
-        self.setup("fit")
-        train = self.splits["train"]
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        rank = self._rank_and_world_size()[0]
         g = torch.Generator().manual_seed(self.seed * 7919 + rank)
-        picks = torch.randperm(len(train), generator=g)[:num_images].tolist()
-        loader = DataLoader(Subset(train, picks), batch_size=len(picks))
-        batch = next(iter(loader))
-        batch = {k: v.to(device) for k, v in batch.items()}
-        return self.prepare_batch(batch, train=True, epoch=0)
+        picks = torch.randperm(len(self.split("train")), generator=g)[:num_images].tolist()
+        return self.images("train", picks, device, train=True)

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .checks import check_images, check_labels, check_latents, check_value_ranges, positive_int
 from .classifier import TopClassifier
 from .layers import ActNorm, Coupling, CouplingLayer, FlowStep, Permutation, squeeze, unsqueeze
 from .priors import SplitPrior, TopPrior, gaussian_log_prob, gaussian_sample
@@ -55,12 +56,6 @@ def _allow_graphs(count: int) -> None:
     input needs no gradient), times batch sizes and options (memory_saving). Past its limit (8 by default)
     dynamo would silently run new shapes eager."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, count)
-
-
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 class Glow(nn.Module):
@@ -106,7 +101,7 @@ class Glow(nn.Module):
         args = dict(locals())
         super().__init__()
         for name in ("in_channels", "image_size", "levels", "steps_per_level", "hidden_channels"):
-            _positive_int(name, args[name])
+            positive_int(name, args[name])
         if image_size % 2**levels:
             raise ValueError(
                 f"image_size={image_size} is not divisible by 2**levels={2**levels}: "
@@ -140,6 +135,7 @@ class Glow(nn.Module):
         self.split_priors = nn.ModuleList()
         channels, size = in_channels, image_size
         self.latent_shapes: list[tuple[int, int, int]] = []
+        self.kept_channels: list[int] = []  # channels each split keeps (levels 1..L-1)
         for level in range(levels):
             channels, size = 4 * channels, size // 2  # squeeze
             self.steps.append(
@@ -149,6 +145,7 @@ class Glow(nn.Module):
             )
             if level < levels - 1:
                 kept = channels // 2
+                self.kept_channels.append(kept)
                 self.split_priors.append(SplitPrior(kept, channels - kept))
                 self.latent_shapes.append((channels - kept, size, size))
                 channels = kept
@@ -164,46 +161,6 @@ class Glow(nn.Module):
     def dims(self) -> int:
         """D = C * H * W, the number of dimensions per image."""
         return self.in_channels * self.image_size**2
-
-    def _check_images(self, x: Tensor) -> None:
-        expected = (self.in_channels, self.image_size, self.image_size)
-        if not isinstance(x, Tensor):
-            raise ValueError(f"x must be a torch.Tensor of images, got {type(x).__name__}")
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"x must be a (B, {expected[0]}, {expected[1]}, {expected[2]}) batch of images for this Glow "
-                f"(in_channels={self.in_channels}, image_size={self.image_size}), got shape {tuple(x.shape)}"
-            )
-        if not x.is_floating_point():
-            raise ValueError(
-                f"x must be floating-point images in [0, 1], got dtype {x.dtype}: convert pixels with "
-                f"x.float() / 255 (8 bits) or glow_lightning.flow.quantize.bins_to_unit"
-            )
-        if x.device != self.device:
-            raise ValueError(f"x is on {x.device} but this Glow is on {self.device}: move x with x.to(flow.device)")
-
-    def _check_values(self, x: Tensor, labels: Tensor | None, always: bool = False) -> None:
-        """x finite in [0, 1], labels in range: in eval mode (or ``always``) only, since it syncs with the host
-        and the training step stays sync-free. After :meth:`_check_images`."""
-        if (self.training and not always) or x.numel() == 0 or torch.compiler.is_compiling():
-            return
-        finite, low, high = torch.stack([torch.isfinite(x).all().to(x.dtype), x.min(), x.max()]).tolist()
-        if not finite:
-            raise ValueError(f"x holds {int((~torch.isfinite(x)).sum())} NaN or infinite values")
-        if low < -1e-3 or high > 1 + 1e-3:
-            raise ValueError(
-                f"x must hold images in [0, 1], got values in [{low:g}, {high:g}] (pixels 0..255 must be divided "
-                "by 255; images centred at 0 must be shifted by +0.5)"
-            )
-        if self.num_classes and labels is not None and labels.numel():
-            lo, hi = int(labels.min()), int(labels.max())
-            if lo < 0 or hi >= self.num_classes:
-                raise ValueError(f"labels must be in 0..{self.num_classes - 1}, got values in {lo}..{hi}")
-
-    def _check_labels(self, labels: Tensor | None, batch_size: int) -> None:
-        if self.num_classes and labels is not None:
-            if labels.shape != (batch_size,):
-                raise ValueError(f"labels must have shape ({batch_size},), got {tuple(labels.shape)}")
 
     # ------------------------------------------------------------- data init
     @property
@@ -240,11 +197,11 @@ class Glow(nn.Module):
         self, x: Tensor, labels: Tensor | None = None, check_values: bool = False
     ) -> tuple[list[Tensor], Tensor, list[Tensor]]:
         """x -> (latents, logdet, per-level prior log-probs), all in one pass; ``check_values``: the values of x
-        and labels too (eval mode or initialisation only, see :meth:`_check_values`)."""
-        self._check_images(x)
-        self._check_labels(labels, x.shape[0])
+        and labels too (eval mode or initialisation only, see :func:`.checks.check_value_ranges`)."""
+        check_images(self, x)
+        check_labels(self, labels, x.shape[0])
         if check_values:
-            self._check_values(x, labels, always=self._initializing)
+            check_value_ranges(self, x, labels, always=self._initializing)
         h = x - 0.5
         logdet = torch.zeros(x.shape[0], device=x.device)
         latents, prior_terms = [], []
@@ -254,7 +211,7 @@ class Glow(nn.Module):
                 h, ld = self._step(step, h)
                 logdet = logdet + ld
             if level < self.levels - 1:
-                kept = self.split_priors[level].conv.conv.in_channels
+                kept = self.kept_channels[level]
                 h, z = h[:, :kept], h[:, kept:]  # (B, 4C, ..) -> kept (B, 2C, ..), factored out (B, 2C, ..)
                 mean, logs = self.split_priors[level](h)
             else:
@@ -299,16 +256,6 @@ class Glow(nn.Module):
         return -self.log_prob(x, labels) / (self.dims * math.log(2)) + self.n_bits
 
     # ----------------------------------------------------------------- decode
-    def _check_latents(self, latents: Sequence[Tensor]) -> None:
-        if len(latents) != self.levels:
-            raise ValueError(f"latents must hold one tensor per level ({self.levels}), got {len(latents)}")
-        for i, (z, shape) in enumerate(zip(latents, self.latent_shapes)):
-            if not isinstance(z, Tensor) or z.dim() != 4 or tuple(z.shape[1:]) != shape:
-                got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
-                raise ValueError(f"latents[{i}] must have shape (B, {', '.join(map(str, shape))}), got {got}")
-            if z.shape[0] != latents[0].shape[0]:
-                raise ValueError(f"latents must share one batch size, got {[tuple(t.shape) for t in latents]}")
-
     def _decode(self, top: Tensor, latent_for_level, temperature: float = 1.0) -> Tensor:
         h = top
         for level in reversed(range(self.levels)):
@@ -322,7 +269,7 @@ class Glow(nn.Module):
 
     def decode(self, latents: Sequence[Tensor]) -> Tensor:
         """The exact inverse of :meth:`encode`: one latent per level -> images (B, C, H, W)."""
-        self._check_latents(latents)
+        check_latents(self, latents)
         return self._decode(latents[-1], lambda level, h: latents[level])
 
     @torch.no_grad()

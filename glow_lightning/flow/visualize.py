@@ -123,3 +123,29 @@ def image_grid(images: Tensor, n_bits: int, nrow: int = 8, padding: int = 2, pad
 def side_by_side(targets: Tensor, reconstructions: Tensor) -> Tensor:
     """Interleave (N, ...) targets and reconstructions: (2N, ...) as target 0, reconstruction 0, target 1, ..."""
     return torch.stack([targets, reconstructions], dim=1).flatten(0, 1)
+
+
+def reconstruction_grid(flow: Glow, bins: Tensor, labels: Tensor | None = None, pairs_per_row: int = 4) -> Tensor:
+    """Targets beside their reconstructions as one display grid: ``pairs_per_row`` (target, reconstruction)
+    pairs per row. ``bins``: (N, C, H, W) integer bins of real images."""
+    targets = bins_to_unit(bins, flow.n_bits)
+    recon = reconstruct(flow, bins, labels)
+    return image_grid(side_by_side(targets, recon), flow.n_bits, 2 * pairs_per_row)
+
+
+def interpolation_grid(
+    flow: Glow,
+    bins: Tensor,
+    steps: int = 8,
+    method: Interpolation = "linear",
+    labels: Tensor | None = None,
+) -> Tensor:
+    """One grid row per pair of images: image i of the 2P images ``bins`` is paired with image P + i, and each
+    row holds ``steps`` images decoded along the path between their latents (endpoints: the reconstructions)."""
+    pairs = bins.shape[0] // 2
+    if pairs < 1:
+        raise ValueError(f"interpolation needs at least 2 images, got {bins.shape[0]}")
+    a, b = slice(0, pairs), slice(pairs, 2 * pairs)
+    labels_a, labels_b = (labels[a], labels[b]) if labels is not None else (None, None)
+    images = interpolate(flow, bins[a], bins[b], steps, method, labels_a, labels_b)
+    return image_grid(images, flow.n_bits, steps)

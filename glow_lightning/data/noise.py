@@ -1,0 +1,50 @@
+"""Counter-based noise: every random number of the data pipeline as a pure function of (seed, stream, index).
+
+A 32-bit integer mixer hashes (seed, stream, image index) into one key per image, and each key into
+uniform noise per pixel (in the spirit of Salmon et al., 2011, "Parallel random numbers: as easy as
+1, 2, 3"). Nothing depends on a generator's state, so a value does not change with the worker count,
+the number of devices, the batch an image lands in, or a resume.
+
+Streams: training uses the epoch number; evaluation (val / test / predict) uses :data:`EVAL_STREAM`,
+and extra evaluation draws (importance-weighted bounds) ``EVAL_STREAM + s``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_MASK32 = 0xFFFFFFFF
+EVAL_STREAM = 0x7FFF_FFF0  # noise stream of val / test / predict (training uses the epoch number)
+FLIP_SALT = 0x68E3_1DA4  # keys of the flips differ from those of the noise
+
+
+def hash32(x: Tensor) -> Tensor:
+    """A 32-bit integer mixer (int64 tensors holding values < 2**32), vectorised on any device."""
+    x = x & _MASK32
+    x = ((x ^ (x >> 16)) * 0x045D9F3B) & _MASK32
+    x = ((x ^ (x >> 16)) * 0x045D9F3B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def item_keys(seed: int, stream: int, index: Tensor) -> Tensor:
+    """One 32-bit key per image from (seed, stream, index): (B,) int64."""
+    key = hash32(torch.full_like(index, seed & _MASK32))
+    key = hash32(key ^ (stream & _MASK32))
+    return hash32(key ^ (index & _MASK32))
+
+
+def uniform_from_keys(keys: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Per-key deterministic U(0, 1) noise of ``shape`` per key: (B,) -> (B, *shape), float32."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    pos = torch.arange(numel, device=keys.device, dtype=torch.int64)
+    h = hash32(keys[:, None] + pos * 0x9E3779B9)  # (B, numel)
+    u = ((h >> 8).float() + 0.5) / 2**24  # strictly inside (0, 1), exact in float32
+    return u.view(keys.shape[0], *shape)
+
+
+def flip_mask(seed: int, stream: int, index: Tensor) -> Tensor:
+    """Which images to mirror: about half, a function of (seed, stream, index): (B,) bool."""
+    return (hash32(item_keys(seed, stream, index) ^ FLIP_SALT) & 1).bool()
