@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
+from torch.utils.data._utils.collate import default_collate
 from typing_extensions import override
 
 from ..flow.quantize import bins_to_unit, check_n_bits, pixels_to_bins
@@ -109,6 +110,43 @@ class IndexedDataset(Dataset):
         index = int(self.indices[i]) if self.indices is not None else i
         pixels, label = self.dataset[index]
         return {"pixels": pixels, "label": label, "index": index}
+
+    # ---- batched fetch: one indexing of a uint8 array per batch instead of one __getitem__ per image
+    def __getitems__(self, items: list[int]) -> list[dict]:
+        """A whole batch at once (torch's DataLoader calls this with the batch's positions) when the
+        wrapped dataset supports it (``get_batch(index)`` or a TensorDataset); else per image."""
+        if not batched(self.dataset):
+            return [self[i] for i in items]
+        index = self.indices[items] if self.indices is not None else torch.as_tensor(items, dtype=torch.int64)
+        pixels, label = fetch_batch(self.dataset, index)
+        return BatchedItems({"pixels": pixels, "label": label, "index": index})
+
+
+class BatchedItems(list):
+    """The items of a batch fetched at once: a list of per-image dicts (views) for any collate function,
+    and ``batch``, the collated dict, which :func:`collate` returns without stacking again."""
+
+    def __init__(self, batch: dict):
+        super().__init__({k: v[i] for k, v in batch.items()} for i in range(len(batch["index"])))
+        self.batch = batch
+
+
+def batched(dataset: Dataset) -> bool:
+    """Whether ``dataset`` can fetch a batch in one call (:func:`fetch_batch`)."""
+    return callable(getattr(dataset, "get_batch", None)) or isinstance(dataset, TensorDataset)
+
+
+def fetch_batch(dataset: Dataset, index: Tensor) -> tuple[Tensor, Tensor]:
+    """(uint8 pixels (B, C, H, W), int64 labels (B,)) of the images ``index`` (B,) of a batched dataset."""
+    if isinstance(dataset, TensorDataset):
+        pixels, labels = dataset.tensors[:2]
+        return pixels[index], labels[index]
+    return dataset.get_batch(index)
+
+
+def collate(batch: list) -> dict:
+    """A batch from :meth:`IndexedDataset.__getitems__` is collated already; per-image items are stacked."""
+    return batch.batch if isinstance(batch, BatchedItems) else default_collate(batch)
 
 
 class EpochRandomSampler(RandomSampler):
@@ -267,6 +305,7 @@ class GlowDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             drop_last=train and len(dataset) > self.batch_size,
+            collate_fn=collate,
         )
 
     @override
@@ -322,7 +361,7 @@ class GlowDataModule(L.LightningDataModule):
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         g = torch.Generator().manual_seed(self.seed * 7919 + rank)
         picks = torch.randperm(len(train), generator=g)[:num_images].tolist()
-        loader = DataLoader(Subset(train, picks), batch_size=len(picks))
+        loader = DataLoader(Subset(train, picks), batch_size=len(picks), collate_fn=collate)
         batch = next(iter(loader))
         batch = {k: v.to(device) for k, v in batch.items()}
         return self.prepare_batch(batch, train=True, epoch=0)
