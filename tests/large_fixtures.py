@@ -45,14 +45,14 @@ def write_imagenet_oord(root: str, size: int = 32, train: int = 24, valid: int =
 def write_imagenet_downsampled(root: str, size: int = 32, per_batch: int = 3, val: int = 6, npz: bool = True) -> str:
     """Chrabaszcz et al.'s files: ``Imagenet{S}_train[_npz]/train_data_batch_1..10[.npz]`` and
     ``Imagenet{S}_val[_npz]/val_data[.npz]``, each with ``data`` (N, 3*S*S) uint8 channel-major rows,
-    ``labels`` in 1..1000 (image i of a batch: label i + 1) and (train) ``mean``."""
+    ``labels`` in 1..1000 (image i of a batch: label i % 1000 + 1) and (train) ``mean``."""
     suffix = "_npz" if npz else ""
     batches = [(f"Imagenet{size}_train{suffix}", f"train_data_batch_{b}", per_batch, 20 + b) for b in range(1, 11)]
     batches.append((f"Imagenet{size}_val{suffix}", "val_data", val, 40))
     for folder, name, n, seed in batches:
         os.makedirs(os.path.join(root, folder), exist_ok=True)
         rows = known_images(n, size, seed).transpose(0, 3, 1, 2).reshape(n, -1)  # (N, C*H*W)
-        entry = {"data": rows, "labels": list(range(1, n + 1))}
+        entry = {"data": rows, "labels": [i % 1000 + 1 for i in range(n)]}
         if name != "val_data":
             entry["mean"] = rows.mean(0)
         path = os.path.join(root, folder, name)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from typing import Literal
 
 import lightning as L
@@ -112,7 +113,7 @@ class IndexedDataset(Dataset):
         return {"pixels": pixels, "label": label, "index": index}
 
     # ---- batched fetch: one indexing of a uint8 array per batch instead of one __getitem__ per image
-    def __getitems__(self, items: list[int]) -> list[dict]:
+    def __getitems__(self, items: list[int]) -> Sequence[dict]:
         """A whole batch at once (torch's DataLoader calls this with the batch's positions) when the
         wrapped dataset supports it (``get_batch(index)`` or a TensorDataset); else per image."""
         if not batched(self.dataset):
@@ -122,13 +123,21 @@ class IndexedDataset(Dataset):
         return BatchedItems({"pixels": pixels, "label": label, "index": index})
 
 
-class BatchedItems(list):
-    """The items of a batch fetched at once: a list of per-image dicts (views) for any collate function,
-    and ``batch``, the collated dict, which :func:`collate` returns without stacking again."""
+class BatchedItems(Sequence):
+    """The items of a batch fetched at once: a sequence of per-image dicts (views, made only when
+    asked for, so any collate function works), and ``batch``, the collated dict, which :func:`collate`
+    returns without stacking again."""
 
     def __init__(self, batch: dict):
-        super().__init__({k: v[i] for k, v in batch.items()} for i in range(len(batch["index"])))
         self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.batch["index"])
+
+    def __getitem__(self, i: int) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return {k: v[i] for k, v in self.batch.items()}
 
 
 def batched(dataset: Dataset) -> bool:
