@@ -188,6 +188,35 @@ class GlowTrainer(L.Trainer):
         grid = interpolation_grid(flow, batch["bins"], steps, method, labels_of(flow, batch))
         return self._write(grid, output, f"{pairs} {method} interpolations")
 
+    def prepare(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule | None = None,
+        *,
+        output: str,
+        num_workers: int | None = None,
+        chunk_bytes: str = "64MB",
+    ) -> dict[str, int]:
+        """Convert the datamodule's splits into litdata shards for streaming (``--data.input_dir`` of
+        StreamingDataModule). Lossless: uint8 pixels, label and image index; needs ``pip install ".[streaming]"``.
+
+        Args:
+            model: not used (a training config can be passed as it is).
+            datamodule: the dataset to convert (``--config <dataset config>`` or ``--data ...``).
+            output: a local folder, ``s3://bucket/prefix``, ``gs://...`` or ``local:/path``; a split already
+                converted there is kept, so an interrupted run can be started again.
+            num_workers: conversion worker processes (default: one per CPU).
+            chunk_bytes: target size of one shard file.
+        """
+        from ..data.streaming import convert
+
+        if datamodule is None or not hasattr(datamodule, "splits"):
+            raise ValueError("glow prepare needs a glow_lightning datamodule: pass its config (--config) or --data")
+        datamodule.prepare_data()
+        sizes = convert(datamodule, output, num_workers=num_workers, chunk_bytes=chunk_bytes)
+        print(f"wrote {', '.join(f'{n} {split}' for split, n in sizes.items())} images to {output}")
+        return sizes
+
     def _images(self, datamodule, split: str, num_images: int, device) -> dict:
         if datamodule is None:
             raise ValueError("this subcommand needs images: pass the training config (--config) or --data")
