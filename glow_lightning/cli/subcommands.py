@@ -83,6 +83,7 @@ class GlowTrainer(L.Trainer):
         datamodule: L.LightningDataModule | None = None,
         *,
         ckpt_path: str,
+        weights_only: bool | None = None,
         num_samples: int = 64,
         temperature: float = 0.7,
         label: int | None = None,
@@ -97,6 +98,8 @@ class GlowTrainer(L.Trainer):
             model: the GlowModule (architecture from the checkpoint).
             datamodule: not needed; accepted so that a training config can be reused.
             ckpt_path: checkpoint of a ``glow fit`` run, or ``last`` (``<default_root_dir>/checkpoints/last.ckpt``).
+            weights_only: accepted so that the ``config.yaml`` a fit saved can be passed as it is; checkpoints are
+                always loaded with ``weights_only=True``.
             num_samples: number of images.
             temperature: prior temperature (0 = the prior means; 1 = the model's density).
             label: class to draw from, for a class-conditional model (0..num_classes - 1).
@@ -124,6 +127,7 @@ class GlowTrainer(L.Trainer):
         datamodule: L.LightningDataModule | None = None,
         *,
         ckpt_path: str,
+        weights_only: bool | None = None,
         num_images: int = 32,
         split: Split = "val",
         pairs_per_row: int = 4,
@@ -137,6 +141,8 @@ class GlowTrainer(L.Trainer):
             model: the GlowModule (architecture from the checkpoint).
             datamodule: where the images come from.
             ckpt_path: checkpoint of a ``glow fit`` run, or ``last`` (``<default_root_dir>/checkpoints/last.ckpt``).
+            weights_only: accepted so that the ``config.yaml`` a fit saved can be passed as it is; checkpoints are
+                always loaded with ``weights_only=True``.
             num_images: number of images.
             split: ``val`` or ``test`` (or ``train``) split of the datamodule.
             pairs_per_row: (target, reconstruction) pairs per grid row.
@@ -155,6 +161,7 @@ class GlowTrainer(L.Trainer):
         datamodule: L.LightningDataModule | None = None,
         *,
         ckpt_path: str,
+        weights_only: bool | None = None,
         pairs: int = 4,
         steps: int = 8,
         method: Interpolation = "linear",
@@ -170,6 +177,8 @@ class GlowTrainer(L.Trainer):
             model: the GlowModule (architecture from the checkpoint).
             datamodule: where the images come from.
             ckpt_path: checkpoint of a ``glow fit`` run, or ``last`` (``<default_root_dir>/checkpoints/last.ckpt``).
+            weights_only: accepted so that the ``config.yaml`` a fit saved can be passed as it is; checkpoints are
+                always loaded with ``weights_only=True``.
             pairs: number of image pairs (grid rows).
             steps: images per row, both endpoints included (>= 2).
             method: ``linear`` or ``spherical`` (slerp) interpolation of every level's latents.
@@ -196,6 +205,8 @@ class GlowTrainer(L.Trainer):
         output: str,
         num_workers: int | None = None,
         chunk_bytes: str = "64MB",
+        ckpt_path: str | None = None,
+        weights_only: bool | None = None,
     ) -> dict[str, int]:
         """Convert the datamodule's splits into litdata shards for streaming (``--data.input_dir`` of
         StreamingDataModule). Lossless: uint8 pixels, label and image index; needs ``pip install ".[streaming]"``.
@@ -207,6 +218,8 @@ class GlowTrainer(L.Trainer):
                 converted there is kept, so an interrupted run can be started again.
             num_workers: conversion worker processes (default: one per CPU).
             chunk_bytes: target size of one shard file.
+            ckpt_path: not used (accepted so that the ``config.yaml`` a fit saved can be passed as it is).
+            weights_only: not used (as ``ckpt_path``).
         """
         from ..data.streaming import convert
 
