@@ -200,3 +200,29 @@ def test_the_config_a_fit_saved_works_for_every_image_subcommand(tiny_run, tmp_p
         output = str(tmp_path / f"{subcommand}.png")
         run_cli([subcommand, "--config", saved, "--ckpt_path", "last", "--output", output])
         assert os.path.getsize(output) > 0
+
+
+def test_packaged_configs_resolve_from_an_empty_directory_and_a_file_path_wins(cifar_dir, tmp_path, monkeypatch):
+    from glow_lightning.cli.main import CONFIGS_DIR, resolve_configs
+
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    assert resolve_configs(["fit", "--config", "cifar.yaml", "--config=configs/debug.yaml"]) == [
+        "fit", "--config", os.path.join(CONFIGS_DIR, "cifar.yaml"), f"--config={os.path.join(CONFIGS_DIR, 'debug.yaml')}",
+    ]  # fmt: skip
+    (tmp_path / "debug.yaml").write_text("trainer:\n  max_epochs: 1\n")
+    assert resolve_configs(["--config", "debug.yaml", "--config", "nosuch.yaml"]) == [
+        "--config", "debug.yaml", "--config", "nosuch.yaml",
+    ]  # fmt: skip
+    cli = run_cli(["fit", "--config", "cifar.yaml", "--config", "configs/debug.yaml", "--config", "debug.yaml",
+                   "--data.data_dir", cifar_dir, "--data.download", "false", "--data.val_size", "8",
+                   "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    assert cli.trainer.current_epoch == 1 and cli.model.hparams.hidden_channels == 16  # packaged debug + local file
+
+
+def test_glow_configs_lists_every_packaged_config(capsys):
+    from glow_lightning.cli.main import CONFIGS_DIR
+
+    assert run_cli(["configs"]) is None
+    out = capsys.readouterr().out
+    names = sorted(f for f in os.listdir(CONFIGS_DIR) if f.endswith(".yaml"))
+    assert "cifar.yaml" in names and all(f"  {name}" in out for name in names)

@@ -179,7 +179,13 @@ class GlowCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
-        kwargs.setdefault("parser_kwargs", {"description": "Train and evaluate Glow normalizing flows."})
+        kwargs.setdefault(
+            "parser_kwargs",
+            {
+                "description": "Train and evaluate Glow normalizing flows. `glow configs` lists the packaged configs "
+                "(`--config cifar.yaml` finds them from any directory)."
+            },
+        )
         kwargs.setdefault("trainer_class", GlowTrainer)
         kwargs.setdefault("parser_class", GlowArgumentParser)
         # the optimizer and schedule are --model.optimizer / lr / warmup_steps / schedule; LightningCLI's own
@@ -334,8 +340,65 @@ class GlowCLI(LightningCLI):
             self._parser(self.subcommand).error(str(err))
 
 
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def packaged_configs() -> dict[str, str]:
+    """The configs shipped inside the package: ``{"cifar.yaml": "<its first comment line>", ...}``."""
+    out = {}
+    for name in sorted(os.listdir(CONFIGS_DIR)):
+        if name.endswith(".yaml"):
+            with open(os.path.join(CONFIGS_DIR, name)) as f:
+                first = f.readline().strip().lstrip("# ")
+            out[name] = first
+    return out
+
+
+def resolve_configs(args: list[str]) -> list[str]:
+    """``--config NAME`` that is not a file resolves to the packaged config of that name (``cifar.yaml``, or
+    ``configs/cifar.yaml`` outside a clone); a path to an existing file always wins."""
+
+    def resolve(value: str) -> str:
+        if os.path.exists(value) or value.lstrip().startswith(("{", "[")) or ":" in value.split("/")[0]:
+            return value  # a file, inline YAML, or a URL
+        packaged = os.path.join(CONFIGS_DIR, os.path.basename(value))
+        if os.path.dirname(value) in ("", "configs") and os.path.isfile(packaged):
+            return packaged
+        return value
+
+    out, after_flag = [], False
+    for arg in args:
+        if after_flag:
+            out.append(resolve(arg))
+            after_flag = False
+        elif arg in ("--config", "-c"):
+            out.append(arg)
+            after_flag = True
+        elif arg.startswith("--config="):
+            out.append("--config=" + resolve(arg[len("--config=") :]))
+        else:
+            out.append(arg)
+    return out
+
+
+def list_configs() -> None:
+    """``glow configs``: the packaged configs, one line each."""
+    print(f"packaged configs (glow fit --config NAME.yaml; files in {CONFIGS_DIR}):")
+    for name, summary in packaged_configs().items():
+        print(f"  {name:22s} {summary}")
+
+
 def main(args: list[str] | None = None) -> GlowCLI | None:
     """Entry point of the ``glow`` console script; ``args`` replaces ``sys.argv[1:]`` (tests)."""
+    if args is None:  # the console script: resolve in sys.argv (LightningCLI warns when given both)
+        sys.argv[1:] = resolve_configs(sys.argv[1:])
+        command = sys.argv[1:2]
+    else:
+        args = resolve_configs(list(args))
+        command = args[:1]
+    if command == ["configs"]:
+        list_configs()
+        return None
     try:
         return GlowCLI(args=args)
     except (
