@@ -35,22 +35,28 @@ from lightning.fabric.utilities.cloud_io import _is_object_storage
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
+from .flow.checks import CheckpointFileError, describe_checkpoint_problem, first_line
+
 TEMP_PATTERN = re.compile(r"^\..+\.ckpt\.[0-9a-f]{12}\.part$")
 CHUNK = 1 << 24  # bytes per write call
 
 
-class UnreadableCheckpointError(ValueError):
-    """A checkpoint file that cannot be loaded: truncated, corrupt, or holding code to run."""
+class UnreadableCheckpointError(CheckpointFileError):
+    """A checkpoint file that cannot be loaded (truncated, corrupt, or holding code to run) or is not a glow
+    checkpoint (a plain state_dict, another program's file)."""
 
 
 class NotWritableError(OSError):
     """An output directory (run or checkpoint directory) that cannot be written to."""
 
 
-def first_line(err: BaseException) -> str:
-    """The first sentence of an exception's message (torch's unpickling errors span many lines)."""
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0].split('. ')[0] if text else ''}"
+def require_glow_checkpoint(ckpt: dict, path: str) -> dict:
+    """``ckpt`` if it is a ``glow fit`` checkpoint (weights and hyperparameters), else an
+    :class:`UnreadableCheckpointError` saying what the file holds instead."""
+    problem = describe_checkpoint_problem(ckpt, path)
+    if problem:
+        raise UnreadableCheckpointError(problem)
+    return ckpt
 
 
 def join(directory: str, name: str) -> str:

@@ -289,3 +289,10 @@ class GlowModule(L.LightningModule):
         if differ:
             lines = ", ".join(f"{k}: checkpoint {a!r} vs this model {b!r}" for k, (a, b) in differ.items())
             raise CheckpointMismatchError(f"the checkpoint was trained with another architecture ({lines})")
+        own = self.state_dict()
+        for key, value in checkpoint.get("state_dict", {}).items():
+            if key in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[key].shape):
+                raise CheckpointMismatchError(
+                    f"the checkpoint's weights do not fit its hyperparameters: {key} has shape {tuple(value.shape)}, "
+                    f"the model built from them {tuple(own[key].shape)} (a checkpoint edited or written by other code)"
+                )

@@ -16,6 +16,7 @@ import glow_lightning.io as cio
 from glow_lightning import Glow
 from glow_lightning.callbacks import InvertibilityMonitor
 from glow_lightning.cli import main
+from glow_lightning.flow.checks import CheckpointFileError
 from glow_lightning.io import AtomicCheckpointIO, UnreadableCheckpointError, load_checkpoint_file
 from glow_lightning.module import GlowModule
 
@@ -235,8 +236,9 @@ def test_unreadable_checkpoint_is_refused_naming_the_file(cifar_dir, tiny_checkp
 
 def test_every_loader_refuses_a_checkpoint_that_would_run_code(tiny_checkpoint, tmp_path):
     path = _malicious(tiny_checkpoint, tmp_path / "evil.ckpt")
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        Glow.from_checkpoint(path)  # pure PyTorch, torch.load(weights_only=True)
+    with pytest.raises(CheckpointFileError, match="evil.ckpt is not a readable checkpoint") as refused:
+        Glow.from_checkpoint(path)  # pure PyTorch, torch.load(weights_only=True): one clear ValueError
+    assert isinstance(refused.value.__cause__, pickle.UnpicklingError)  # torch's weights_only refusal
     with pytest.raises(UnreadableCheckpointError, match="evil.ckpt"):
         AtomicCheckpointIO().load_checkpoint(path, weights_only=False)  # Lightning's restore path, forced safe
     with pytest.raises(pickle.UnpicklingError):

@@ -63,7 +63,14 @@ from ..callbacks import (
 )
 from ..data import GlowDataModule
 from ..data.base import DatasetError
-from ..io import NotWritableError, UnreadableCheckpointError, check_writable, join, load_checkpoint_file
+from ..io import (
+    NotWritableError,
+    UnreadableCheckpointError,
+    check_writable,
+    join,
+    load_checkpoint_file,
+    require_glow_checkpoint,
+)
 from ..module import CheckpointMismatchError, GlowModule
 from .subcommands import GlowTrainer
 from .tracking import LoggerSaveConfigCallback, wandb_save_dir_in_run
@@ -92,7 +99,7 @@ def checkpoint_dir(default_root_dir: str | None) -> str:
 
 def load_checkpoint_hparams(path: str) -> dict:
     """The model hyperparameters stored in a checkpoint, loaded without running any pickled code."""
-    return dict(load_checkpoint_file(path).get("hyper_parameters", {}))
+    return dict(require_glow_checkpoint(load_checkpoint_file(path), path)["hyper_parameters"])
 
 
 def find_last(dirpath: str) -> str | None:

@@ -21,12 +21,19 @@ from lightning.pytorch.trainer.connectors.accelerator_connector import _PLUGIN_I
 
 from ..callbacks.images import Split, labels_of
 from ..flow.visualize import Interpolation, image_grid, interpolation_grid, reconstruction_grid
-from ..io import AtomicCheckpointIO, NotWritableError, first_line, load_checkpoint_file, save_grid
+from ..io import (
+    AtomicCheckpointIO,
+    NotWritableError,
+    first_line,
+    load_checkpoint_file,
+    require_glow_checkpoint,
+    save_grid,
+)
 
 
 def load_weights(model: L.LightningModule, ckpt_path: str) -> None:
     """Load a checkpoint's weights into ``model`` after checking the architecture (``on_load_checkpoint``)."""
-    ckpt = load_checkpoint_file(ckpt_path)  # weights_only=True; errors name the file
+    ckpt = require_glow_checkpoint(load_checkpoint_file(ckpt_path), ckpt_path)  # weights_only; errors name the file
     model.on_load_checkpoint(ckpt)
     model.load_state_dict(ckpt["state_dict"])
 

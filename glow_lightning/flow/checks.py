@@ -71,3 +71,30 @@ def check_latents(flow, latents: Sequence[Tensor]) -> None:
             raise ValueError(f"latents[{i}] must have shape (B, {', '.join(map(str, shape))}), got {got}")
         if z.shape[0] != latents[0].shape[0]:
             raise ValueError(f"latents must share one batch size, got {[tuple(t.shape) for t in latents]}")
+
+
+class CheckpointFileError(ValueError):
+    """A file that is not a usable ``glow fit`` checkpoint: unreadable, another kind of file, or inconsistent."""
+
+
+def describe_checkpoint_problem(ckpt: dict, path: str) -> str | None:
+    """Why ``ckpt`` (a loaded dict) is not a ``glow fit`` checkpoint, in one line naming ``path``; None if it is one."""
+    if "state_dict" in ckpt and "hyper_parameters" in ckpt:
+        return None
+    if ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):
+        flow_keys = any(k.startswith(("steps.", "top_prior.")) for k in ckpt)
+        whose = "a Glow's" if flow_keys else "a module's" if any(k.startswith("flow.") for k in ckpt) else "a"
+        return (
+            f"{path} holds {whose} plain state_dict ({len(ckpt)} tensors), not a glow fit checkpoint: it has no "
+            "hyperparameters to rebuild the model from; load it with flow.load_state_dict(torch.load(path)) into a "
+            "Glow built with the same arguments"
+        )
+    missing = [k for k in ("state_dict", "hyper_parameters") if k not in ckpt]
+    keys = ", ".join(sorted(map(str, ckpt))[:6]) or "nothing"
+    return f"{path} is not a glow fit checkpoint: it lacks {' and '.join(missing)} (it holds {keys})"
+
+
+def first_line(err: BaseException) -> str:
+    """The first sentence of an exception's message (torch's errors span many lines)."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0].split('. ')[0] if text else ''}"

@@ -16,7 +16,16 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .checks import check_images, check_labels, check_latents, check_value_ranges, positive_int
+from .checks import (
+    CheckpointFileError,
+    check_images,
+    check_labels,
+    check_latents,
+    check_value_ranges,
+    describe_checkpoint_problem,
+    first_line,
+    positive_int,
+)
 from .classifier import TopClassifier
 from .layers import ActNorm, Coupling, CouplingLayer, FlowStep, Permutation, squeeze, unsqueeze
 from .priors import SplitPrior, TopPrior, gaussian_log_prob, gaussian_sample
@@ -321,10 +330,27 @@ class Glow(nn.Module):
         """
         import fsspec
 
-        with fsspec.open(path, "rb") as f:
-            ckpt = torch.load(f, map_location=map_location, weights_only=True)
-        hparams = ckpt.get("hyper_parameters", {})
+        fs, target = fsspec.core.url_to_fs(str(path))
+        if not fs.exists(target):
+            raise FileNotFoundError(f"no such checkpoint file: {path}")
+        try:
+            with fs.open(target, "rb") as f:
+                ckpt = torch.load(f, map_location=map_location, weights_only=True)
+        except Exception as err:  # truncated zip, corrupt pickle, or a pickle that would run code
+            raise CheckpointFileError(
+                f"{path} is not a readable checkpoint (truncated, corrupt, or holding code, which is never run): "
+                f"{first_line(err)}"
+            ) from err
+        problem = describe_checkpoint_problem(ckpt, path) if isinstance(ckpt, dict) else f"{path} is not a checkpoint"
+        if problem:
+            raise CheckpointFileError(problem)
+        hparams = ckpt["hyper_parameters"]
         flow = cls(**{k: hparams[k] for k in ARCH_KEYS if k in hparams})
         state = {k[len("flow.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("flow.")}
-        flow.load_state_dict(state)
+        try:
+            flow.load_state_dict(state)
+        except RuntimeError as err:
+            raise CheckpointFileError(
+                f"{path}: its weights do not fit its hyperparameters ({first_line(err)})"
+            ) from err
         return flow.eval()
