@@ -73,7 +73,7 @@ LINKED_FROM_DATA = {
     "num_classes": "num_classes",
 }
 EVALUATION_ONLY = ("iw_samples",)  # model arguments a --ckpt_path does not override
-IMAGE_SUBCOMMANDS = ("sample", "reconstruct", "interpolate")  # GlowTrainer methods
+IMAGE_SUBCOMMANDS = ("sample", "reconstruct", "interpolate", "manipulate")  # GlowTrainer methods
 NEEDS_NO_DATA = ("sample",)
 
 
