@@ -355,14 +355,11 @@ class Glow(nn.Module):
         s = torch.as_tensor(list(strengths), dtype=torch.float32, device=x.device)
         if s.dim() != 1 or len(s) < 1 or not torch.isfinite(s).all():
             raise ValueError(f"strengths must be a non-empty list of finite numbers, got {list(strengths)!r}")
-        eps, _ = self.encode(self._bin_centres(x), labels, standardize=True)
+        eps, _ = self.encode(self._bin_centres(x), None if labels is None else labels.to(self.device), True)
         edited = [  # (N, C, H, W) -> (N, S, C, H, W) -> (N * S, C, H, W)
             (e[:, None] + s.view(1, -1, 1, 1, 1) * d.to(e)[None, None]).flatten(0, 1) for e, d in zip(eps, direction)
         ]
-        if s.eq(0).any():  # strength 0 adds nothing: keep eps bit-exact
-            for e, out in zip(eps, edited):
-                out.view(len(x), len(s), *e.shape[1:])[:, s == 0] = e[:, None]
-        labels = None if labels is None else labels.repeat_interleave(len(s))
+        labels = None if labels is None else labels.to(self.device).repeat_interleave(len(s))
         images = self.decode(edited, labels, standardized=True)
         return bins_to_unit(unit_to_bins(images, self.n_bits), self.n_bits)
 
