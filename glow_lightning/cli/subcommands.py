@@ -319,10 +319,13 @@ def resolve_attribute(datamodule, attribute: str | None) -> tuple[str, int]:
 
 
 def with_header(grid: torch.Tensor, text: str, height: int = 14) -> torch.Tensor:
-    """A (3, H, W) grid with a white band of ``height`` pixels on top holding ``text`` in black."""
+    """A (3, H, W) grid with a white band of ``height`` pixels on top holding ``text`` in black; a grid
+    narrower than the text is padded with white on the right."""
     from PIL import Image, ImageDraw
     from torchvision.transforms.functional import pil_to_tensor
 
-    band = Image.new("RGB", (grid.shape[2], height), "white")
+    width = max(grid.shape[2], int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text)) + 4)
+    band = Image.new("RGB", (width, height), "white")
     ImageDraw.Draw(band).text((2, 1), text, fill="black")
-    return torch.cat([pil_to_tensor(band).float() / 255, grid.cpu()], dim=1)
+    grid = torch.nn.functional.pad(grid.cpu(), (0, width - grid.shape[2]), value=1.0)
+    return torch.cat([pil_to_tensor(band).float() / 255, grid], dim=1)
