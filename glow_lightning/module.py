@@ -185,11 +185,13 @@ class GlowModule(L.LightningModule):
     def _shared_step(self, batch: dict, stage: str) -> torch.Tensor:
         log_prob, logits = self._log_prob_and_logits(batch)  # (B,) nats
         metric = getattr(self, f"{stage}_bpd")
-        if stage == "train":
-            metric(log_prob, self.flow.dims, self.flow.n_bits)  # forward: keeps the batch value for on_step
+        if stage == "train":  # train/bpd: this batch's value; train/bpd_epoch: the epoch's (no Lightning suffixes)
+            batch_bpd = metric(log_prob, self.flow.dims, self.flow.n_bits)  # forward: the batch value, and accumulates
+            self.log("train/bpd", batch_bpd, on_step=True, on_epoch=False, prog_bar=True)
+            self.log("train/bpd_epoch", metric, on_step=False, on_epoch=True)
         else:
             metric.update(log_prob, self.flow.dims, self.flow.n_bits)
-        self.log(f"{stage}/bpd", metric, on_step=stage == "train", on_epoch=True, prog_bar=True)
+            self.log(f"{stage}/bpd", metric, on_step=False, on_epoch=True, prog_bar=True)
         loss = (-log_prob / (self.flow.dims * math.log(2))).mean() + self.flow.n_bits
         if logits is not None:  # class-conditional: + y_weight * cross-entropy in bits
             y_bits = F.cross_entropy(logits, batch["label"].long()) / math.log(2)

@@ -174,3 +174,55 @@ def test_console_script_end_to_end(cifar_dir, tiny_checkpoint, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     match = re.search(r"test/bpd\s+([0-9.]+)", out.stdout)
     assert match and math.isfinite(float(match.group(1))), out.stdout[-2000:]
+
+
+def test_evaluation_with_the_dataset_config_alone_takes_the_architecture_from_the_checkpoint(
+    cifar_dir, tiny_checkpoint, tmp_path, capsys
+):
+    """configs/cifar.yaml says K=32, width 512; the checkpoint K=2, width 16: config values yield, one line says so,
+    and the test logs go to <run>/test/, not a new lightning_logs/version_N."""
+    args = ["test", "--config", config("cifar.yaml"), "--data.data_dir", cifar_dir, "--data.download", "false",
+            "--data.val_size", "8", "--data.num_workers", "0", "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.enable_progress_bar", "false", "--trainer.limit_test_batches", "1", "--ckpt_path", tiny_checkpoint]  # fmt: skip
+    cli = run_cli(args)
+    assert cli.model.hparams.hidden_channels == 16 and cli.model.hparams.steps_per_level == 2
+    err = capsys.readouterr().err
+    assert (
+        "glow test: taken from the checkpoint: levels=2 (config: 3), steps_per_level=2 (config: 32), hidden_channels=16"
+        in err
+    )
+    assert os.path.isdir(tmp_path / "test" / "version_0") and not os.path.exists(tmp_path / "lightning_logs")
+
+
+def test_the_config_a_fit_saved_works_for_every_image_subcommand(tiny_run, tmp_path):
+    saved = os.path.join(tiny_run, "lightning_logs", "version_0", "config.yaml")
+    for subcommand in ("sample", "reconstruct", "interpolate"):
+        output = str(tmp_path / f"{subcommand}.png")
+        run_cli([subcommand, "--config", saved, "--ckpt_path", "last", "--output", output])
+        assert os.path.getsize(output) > 0
+
+
+def test_packaged_configs_resolve_from_an_empty_directory_and_a_file_path_wins(cifar_dir, tmp_path, monkeypatch):
+    from glow_lightning.cli.main import CONFIGS_DIR, resolve_configs
+
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    assert resolve_configs(["fit", "--config", "cifar.yaml", "--config=configs/debug.yaml"]) == [
+        "fit", "--config", os.path.join(CONFIGS_DIR, "cifar.yaml"), f"--config={os.path.join(CONFIGS_DIR, 'debug.yaml')}",
+    ]  # fmt: skip
+    (tmp_path / "debug.yaml").write_text("trainer:\n  max_epochs: 1\n")
+    assert resolve_configs(["--config", "debug.yaml", "--config", "nosuch.yaml"]) == [
+        "--config", "debug.yaml", "--config", "nosuch.yaml",
+    ]  # fmt: skip
+    cli = run_cli(["fit", "--config", "cifar.yaml", "--config", "configs/debug.yaml", "--config", "debug.yaml",
+                   "--data.data_dir", cifar_dir, "--data.download", "false", "--data.val_size", "8",
+                   "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    assert cli.trainer.current_epoch == 1 and cli.model.hparams.hidden_channels == 16  # packaged debug + local file
+
+
+def test_glow_configs_lists_every_packaged_config(capsys):
+    from glow_lightning.cli.main import CONFIGS_DIR
+
+    assert run_cli(["configs"]) is None
+    out = capsys.readouterr().out
+    names = sorted(f for f in os.listdir(CONFIGS_DIR) if f.endswith(".yaml"))
+    assert "cifar.yaml" in names and all(f"  {name}" in out for name in names)

@@ -61,7 +61,7 @@ def test_wandb_overlay_offline_logs_metrics_hyperparameters_and_config(cifar_dir
         assert (run.name, list(run.tags), run.project, run.id) == ("tiny", ["test"], "glow-lightning", "tiny-1")
 
         keys = set().union(*logged["metrics"])
-        for key in ("train/bpd_step", "train/lr", "train/grad_norm", "val/bpd", "train/bpd_epoch"):
+        for key in ("train/bpd", "train/lr", "train/grad_norm", "val/bpd", "train/bpd_epoch"):
             assert key in keys, (key, keys)
         grad_norms = [m["train/grad_norm"] for m in logged["metrics"] if "train/grad_norm" in m]
         assert len(grad_norms) == 4 and all(math.isfinite(g) and g > 0 for g in grad_norms)  # 4 steps, logged each

@@ -38,12 +38,14 @@ jsonargparse upgrade):
 
 from __future__ import annotations
 
+import glob
 import inspect
 import os
 import re
 import sys
 
 from fsspec.core import url_to_fs
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
@@ -73,7 +75,12 @@ LINKED_FROM_DATA = {
     "num_classes": "num_classes",
 }
 EVALUATION_ONLY = ("iw_samples",)  # model arguments a --ckpt_path does not override
-IMAGE_SUBCOMMANDS = ("sample", "reconstruct", "interpolate", "manipulate")  # GlowTrainer methods
+# model arguments that change how a model trains, not what it is: they never conflict outside fit
+TRAINING_KEYS = frozenset(
+    {"optimizer", "lr", "weight_decay", "warmup_steps", "schedule", "y_weight", "max_consecutive_skips",
+     "init_batch_size", "compile", "memory_saving", "iw_samples"}
+)  # fmt: skip
+IMAGE_SUBCOMMANDS = ("sample", "reconstruct", "interpolate", "prepare", "manipulate")  # GlowTrainer methods
 NEEDS_NO_DATA = ("sample",)
 
 
@@ -93,6 +100,40 @@ def find_last(dirpath: str) -> str | None:
     path = join(dirpath, "last.ckpt")
     fs, target = url_to_fs(path)
     return path if fs.exists(target) else None
+
+
+def without_configs(args: list[str]) -> list[str]:
+    """``args`` without its ``--config FILE`` / ``-c FILE`` / ``--config=FILE`` entries."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in ("--config", "-c"):
+            skip = True
+        elif not arg.startswith("--config="):
+            out.append(arg)
+    return out
+
+
+def run_config_of(ckpt_path: str) -> str | None:
+    """The ``config.yaml`` that ``glow fit`` saved for the run of ``<run>/checkpoints/X.ckpt``, if there is one."""
+    run = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
+    found = sorted(glob.glob(os.path.join(run, "lightning_logs", "version_*", "config.yaml")), key=os.path.getmtime)
+    return found[-1] if found else None
+
+
+EVALUATION_LOGS = ("test", "validate", "predict")  # subcommands whose default logs go to <run>/<subcommand>/
+
+
+def evaluation_logs_in_run(trainer_config, subcommand: str) -> None:
+    """The default logger of ``glow test`` / ``validate`` / ``predict`` writes to ``<run>/<subcommand>/version_N``,
+    not a new ``lightning_logs/version_N`` beside the training run's logs. A logger given explicitly is kept."""
+    if trainer_config.get("logger") not in (None, True):
+        return
+    trainer_config["logger"] = Namespace(
+        class_path="lightning.pytorch.loggers.TensorBoardLogger",
+        init_args=Namespace(save_dir=trainer_config.get("default_root_dir") or ".", name=subcommand),
+    )
 
 
 def condense(message: str) -> str:
@@ -138,7 +179,13 @@ class GlowCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
-        kwargs.setdefault("parser_kwargs", {"description": "Train and evaluate Glow normalizing flows."})
+        kwargs.setdefault(
+            "parser_kwargs",
+            {
+                "description": "Train and evaluate Glow normalizing flows. `glow configs` lists the packaged configs "
+                "(`--config cifar.yaml` finds them from any directory)."
+            },
+        )
         kwargs.setdefault("trainer_class", GlowTrainer)
         kwargs.setdefault("parser_class", GlowArgumentParser)
         # the optimizer and schedule are --model.optimizer / lr / warmup_steps / schedule; LightningCLI's own
@@ -204,26 +251,39 @@ class GlowCLI(LightningCLI):
         defaults = {k: p.default for k, p in inspect.signature(GlowModule.__init__).parameters.items()}
         model_config = self.config[subcommand].model
         explicit = self._explicit_model_keys(subcommand)
-        conflicts, updates = [], {}
+        evaluating = subcommand != "fit"  # the architecture comes from the checkpoint; configs yield to it
+        on_command_line = self._explicit_model_keys(subcommand, command_line_only=True) if evaluating else explicit
+        conflicts, yielded, updates = [], [], {}
         for key, saved in hparams.items():
             if key not in defaults or key in LINKED_FROM_DATA.values() or key in EVALUATION_ONLY:
                 continue  # linked values are checked against the checkpoint when it is loaded
             given = model_config.get(key, defaults[key])
-            if (given != defaults[key] or key in explicit) and given != saved:
+            if evaluating and key in TRAINING_KEYS:
+                if key not in on_command_line:
+                    updates[key] = saved
+                continue
+            if given != saved and (key in on_command_line or (not evaluating and given != defaults[key])):
                 conflicts.append(f"--model.{key}={given!r} (checkpoint: {saved!r})")
+            elif given != saved and key in explicit:
+                yielded.append(f"{key}={saved!r} (config: {given!r})")
             updates[key] = saved
         if conflicts:
+            run_config = run_config_of(ckpt_path)
             self._parser(subcommand).error(
                 f"values given for {ckpt_path} contradict the checkpoint: {', '.join(conflicts)}. "
-                "Drop them, or pass the config the checkpoint was trained with."
+                "Drop them, or pass the config the checkpoint was trained with"
+                + (f" ({run_config})." if run_config else ".")
             )
+        if yielded:
+            print(f"glow {subcommand}: taken from the checkpoint: {', '.join(yielded)}", file=sys.stderr)
         if self.config[subcommand].get("data") is None:  # `glow sample` alone: nothing to link from
             updates.update({key: hparams[key] for key in LINKED_FROM_DATA.values() if key in hparams})
         for key, value in updates.items():
             model_config[key] = value
 
-    def _explicit_model_keys(self, subcommand: str) -> set[str]:
-        """The ``--model.*`` keys set on the command line or in a config, also those equal to their default.
+    def _explicit_model_keys(self, subcommand: str, command_line_only: bool = False) -> set[str]:
+        """The ``--model.*`` keys set on the command line or in a config (only on the command line, with
+        ``command_line_only``), also those equal to their default.
 
         Re-parses the arguments without defaults; the resolved ``default_root_dir`` is passed along, since the
         checkpoint directory is linked from it. Should that parse fail, only non-default values count as given.
@@ -231,6 +291,8 @@ class GlowCLI(LightningCLI):
         args = getattr(self.parser, "args", None)  # what parse_args parsed (None for a dict / Namespace config)
         if args is None:
             return set()
+        if command_line_only:
+            args = without_configs(args)
         root = self.config[subcommand].trainer.get("default_root_dir")
         args = [*args, f"--trainer.default_root_dir={'null' if root is None else root}"]
         parsers = (self.parser, self._parser(subcommand))
@@ -258,6 +320,8 @@ class GlowCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self.subcommand:
             wandb_save_dir_in_run(self.config[self.subcommand].trainer)
+        if self.subcommand in EVALUATION_LOGS:
+            evaluation_logs_in_run(self.config[self.subcommand].trainer, self.subcommand)
 
     @override
     def _run_subcommand(self, subcommand: str) -> None:
@@ -276,8 +340,65 @@ class GlowCLI(LightningCLI):
             self._parser(self.subcommand).error(str(err))
 
 
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def packaged_configs() -> dict[str, str]:
+    """The configs shipped inside the package: ``{"cifar.yaml": "<its first comment line>", ...}``."""
+    out = {}
+    for name in sorted(os.listdir(CONFIGS_DIR)):
+        if name.endswith(".yaml"):
+            with open(os.path.join(CONFIGS_DIR, name)) as f:
+                first = f.readline().strip().lstrip("# ")
+            out[name] = first
+    return out
+
+
+def resolve_configs(args: list[str]) -> list[str]:
+    """``--config NAME`` that is not a file resolves to the packaged config of that name (``cifar.yaml``, or
+    ``configs/cifar.yaml`` outside a clone); a path to an existing file always wins."""
+
+    def resolve(value: str) -> str:
+        if os.path.exists(value) or value.lstrip().startswith(("{", "[")) or ":" in value.split("/")[0]:
+            return value  # a file, inline YAML, or a URL
+        packaged = os.path.join(CONFIGS_DIR, os.path.basename(value))
+        if os.path.dirname(value) in ("", "configs") and os.path.isfile(packaged):
+            return packaged
+        return value
+
+    out, after_flag = [], False
+    for arg in args:
+        if after_flag:
+            out.append(resolve(arg))
+            after_flag = False
+        elif arg in ("--config", "-c"):
+            out.append(arg)
+            after_flag = True
+        elif arg.startswith("--config="):
+            out.append("--config=" + resolve(arg[len("--config=") :]))
+        else:
+            out.append(arg)
+    return out
+
+
+def list_configs() -> None:
+    """``glow configs``: the packaged configs, one line each."""
+    print(f"packaged configs (glow fit --config NAME.yaml; files in {CONFIGS_DIR}):")
+    for name, summary in packaged_configs().items():
+        print(f"  {name:22s} {summary}")
+
+
 def main(args: list[str] | None = None) -> GlowCLI | None:
     """Entry point of the ``glow`` console script; ``args`` replaces ``sys.argv[1:]`` (tests)."""
+    if args is None:  # the console script: resolve in sys.argv (LightningCLI warns when given both)
+        sys.argv[1:] = resolve_configs(sys.argv[1:])
+        command = sys.argv[1:2]
+    else:
+        args = resolve_configs(list(args))
+        command = args[:1]
+    if command == ["configs"]:
+        list_configs()
+        return None
     try:
         return GlowCLI(args=args)
     except (

@@ -84,6 +84,7 @@ class GlowTrainer(L.Trainer):
         datamodule: L.LightningDataModule | None = None,
         *,
         ckpt_path: str,
+        weights_only: bool | None = None,
         num_samples: int = 64,
         temperature: float = 0.7,
         label: int | None = None,
@@ -98,6 +99,8 @@ class GlowTrainer(L.Trainer):
             model: the GlowModule (architecture from the checkpoint).
             datamodule: not needed; accepted so that a training config can be reused.
             ckpt_path: checkpoint of a ``glow fit`` run, or ``last`` (``<default_root_dir>/checkpoints/last.ckpt``).
+            weights_only: accepted so that the ``config.yaml`` a fit saved can be passed as it is; checkpoints are
+                always loaded with ``weights_only=True``.
             num_samples: number of images.
             temperature: prior temperature (0 = the prior means; 1 = the model's density).
             label: class to draw from, for a class-conditional model (0..num_classes - 1).
@@ -125,6 +128,7 @@ class GlowTrainer(L.Trainer):
         datamodule: L.LightningDataModule | None = None,
         *,
         ckpt_path: str,
+        weights_only: bool | None = None,
         num_images: int = 32,
         split: Split = "val",
         pairs_per_row: int = 4,
@@ -138,6 +142,8 @@ class GlowTrainer(L.Trainer):
             model: the GlowModule (architecture from the checkpoint).
             datamodule: where the images come from.
             ckpt_path: checkpoint of a ``glow fit`` run, or ``last`` (``<default_root_dir>/checkpoints/last.ckpt``).
+            weights_only: accepted so that the ``config.yaml`` a fit saved can be passed as it is; checkpoints are
+                always loaded with ``weights_only=True``.
             num_images: number of images.
             split: ``val`` or ``test`` (or ``train``) split of the datamodule.
             pairs_per_row: (target, reconstruction) pairs per grid row.
@@ -156,6 +162,7 @@ class GlowTrainer(L.Trainer):
         datamodule: L.LightningDataModule | None = None,
         *,
         ckpt_path: str,
+        weights_only: bool | None = None,
         pairs: int = 4,
         steps: int = 8,
         method: Interpolation = "linear",
@@ -171,6 +178,8 @@ class GlowTrainer(L.Trainer):
             model: the GlowModule (architecture from the checkpoint).
             datamodule: where the images come from.
             ckpt_path: checkpoint of a ``glow fit`` run, or ``last`` (``<default_root_dir>/checkpoints/last.ckpt``).
+            weights_only: accepted so that the ``config.yaml`` a fit saved can be passed as it is; checkpoints are
+                always loaded with ``weights_only=True``.
             pairs: number of image pairs (grid rows).
             steps: images per row, both endpoints included (>= 2).
             method: ``linear`` or ``spherical`` (slerp) interpolation of every level's latents.
@@ -283,6 +292,39 @@ class GlowTrainer(L.Trainer):
         torch.save(payload, path)
         print(f"direction of {name} from {counts[True]} images with and {counts[False]} without: {path}")
         return name, vectors
+
+    def prepare(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule | None = None,
+        *,
+        output: str,
+        num_workers: int | None = None,
+        chunk_bytes: str = "64MB",
+        ckpt_path: str | None = None,
+        weights_only: bool | None = None,
+    ) -> dict[str, int]:
+        """Convert the datamodule's splits into litdata shards for streaming (``--data.input_dir`` of
+        StreamingDataModule). Lossless: uint8 pixels, label and image index; needs ``pip install ".[streaming]"``.
+
+        Args:
+            model: not used (a training config can be passed as it is).
+            datamodule: the dataset to convert (``--config <dataset config>`` or ``--data ...``).
+            output: a local folder, ``s3://bucket/prefix``, ``gs://...`` or ``local:/path``; a split already
+                converted there is kept, so an interrupted run can be started again.
+            num_workers: conversion worker processes (default: one per CPU).
+            chunk_bytes: target size of one shard file.
+            ckpt_path: not used (accepted so that the ``config.yaml`` a fit saved can be passed as it is).
+            weights_only: not used (as ``ckpt_path``).
+        """
+        from ..data.streaming import convert
+
+        if datamodule is None or not hasattr(datamodule, "splits"):
+            raise ValueError("glow prepare needs a glow_lightning datamodule: pass its config (--config) or --data")
+        datamodule.prepare_data()
+        sizes = convert(datamodule, output, num_workers=num_workers, chunk_bytes=chunk_bytes)
+        print(f"wrote {', '.join(f'{n} {split}' for split, n in sizes.items())} images to {output}")
+        return sizes
 
     def _images(self, datamodule, split: str, num_images: int, device) -> dict:
         if datamodule is None:

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
+from torch.utils.data._utils.collate import default_collate
 from typing_extensions import override
 
 from ..flow.quantize import bins_to_unit, check_n_bits, pixels_to_bins
@@ -74,6 +76,51 @@ class IndexedDataset(Dataset):
         index = int(self.indices[i]) if self.indices is not None else i
         pixels, label = self.dataset[index]
         return {"pixels": pixels, "label": label, "index": index}
+
+    # ---- batched fetch: one indexing of a uint8 array per batch instead of one __getitem__ per image
+    def __getitems__(self, items: list[int]) -> Sequence[dict]:
+        """A whole batch at once (torch's DataLoader calls this with the batch's positions) when the
+        wrapped dataset supports it (``get_batch(index)`` or a TensorDataset); else per image."""
+        if not batched(self.dataset):
+            return [self[i] for i in items]
+        index = self.indices[items] if self.indices is not None else torch.as_tensor(items, dtype=torch.int64)
+        pixels, label = fetch_batch(self.dataset, index)
+        return BatchedItems({"pixels": pixels, "label": label, "index": index})
+
+
+class BatchedItems(Sequence):
+    """The items of a batch fetched at once: a sequence of per-image dicts (views, made only when
+    asked for, so any collate function works), and ``batch``, the collated dict, which :func:`collate`
+    returns without stacking again."""
+
+    def __init__(self, batch: dict):
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.batch["index"])
+
+    def __getitem__(self, i: int) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return {k: v[i] for k, v in self.batch.items()}
+
+
+def batched(dataset: Dataset) -> bool:
+    """Whether ``dataset`` can fetch a batch in one call (:func:`fetch_batch`)."""
+    return callable(getattr(dataset, "get_batch", None)) or isinstance(dataset, TensorDataset)
+
+
+def fetch_batch(dataset: Dataset, index: Tensor) -> tuple[Tensor, Tensor]:
+    """(uint8 pixels (B, C, H, W), int64 labels (B,)) of the images ``index`` (B,) of a batched dataset."""
+    if isinstance(dataset, TensorDataset):
+        pixels, labels = dataset.tensors[:2]
+        return pixels[index], labels[index]
+    return dataset.get_batch(index)
+
+
+def collate(batch: list) -> dict:
+    """A batch from :meth:`IndexedDataset.__getitems__` is collated already; per-image items are stacked."""
+    return batch.batch if isinstance(batch, BatchedItems) else default_collate(batch)
 
 
 class EpochRandomSampler(RandomSampler):
@@ -232,6 +279,7 @@ class GlowDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             drop_last=train and len(dataset) > self.batch_size,
+            collate_fn=collate,
         )
 
     @override
@@ -299,7 +347,7 @@ class GlowDataModule(L.LightningDataModule):
         ``train=False``: evaluation preparation (no flips, evaluation noise); ``train=True``: epoch 0's
         training preparation. Sets up the split if needed.
         """
-        batch = next(iter(DataLoader(Subset(self.split(split), picks), batch_size=len(picks))))
+        batch = next(iter(DataLoader(Subset(self.split(split), picks), batch_size=len(picks), collate_fn=collate)))
         batch = {k: v.to(device) for k, v in batch.items()}
         return self.prepare_batch(batch, train=train, epoch=0)
 
