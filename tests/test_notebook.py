@@ -29,6 +29,7 @@ def test_demo_notebook_runs_clean(cifar_dir, tmp_path, monkeypatch):
     assert "reconstructions equal their targets: True" in text
     assert f"wrote 16 samples at T=0.7 to {run / 'cli_samples.png'}" in text
     figures = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
-    assert len(figures) == 4 + 1 + 2 + 1 + 1  # temperatures, reconstructions, interpolations, CLI, bits/dim
+    assert "strength 0 is the reconstruction: True" in text
+    assert len(figures) == 4 + 1 + 2 + 1 + 1 + 1  # temperatures, recon, interpolations, manipulation, CLI, bpd
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert "samples_t0.7_epoch001.png" in os.listdir(run / "images")

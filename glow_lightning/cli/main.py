@@ -10,7 +10,7 @@
 - The checkpoint callback is registered as ``checkpoint`` (not in ``trainer.callbacks``, which a
   stacked config would replace), with its directory fixed at ``<default_root_dir>/checkpoints``;
   so are the image-grid callbacks (``samples``, ``reconstructions``, ``interpolations``).
-- ``sample``, ``reconstruct`` and ``interpolate`` are :class:`~glow_lightning.cli.subcommands.GlowTrainer`
+- ``sample``, ``reconstruct``, ``interpolate`` and ``manipulate`` are :class:`~glow_lightning.cli.subcommands.GlowTrainer`
   methods; ``sample`` needs no datamodule (the image shape comes from the checkpoint).
 - With ``--ckpt_path``, the model's hyperparameters come from the checkpoint; a value set
   explicitly (on the command line or in a config) that contradicts the checkpoint is an error.
@@ -87,7 +87,7 @@ TRAINING_KEYS = frozenset(
     {"optimizer", "lr", "weight_decay", "warmup_steps", "schedule", "y_weight", "max_consecutive_skips",
      "init_batch_size", "compile", "memory_saving", "iw_samples"}
 )  # fmt: skip
-IMAGE_SUBCOMMANDS = ("sample", "reconstruct", "interpolate", "prepare")  # GlowTrainer methods
+IMAGE_SUBCOMMANDS = ("sample", "reconstruct", "interpolate", "prepare", "manipulate")  # GlowTrainer methods
 NEEDS_NO_DATA = ("sample",)
 
 

@@ -1,4 +1,4 @@
-"""GlowTrainer: Lightning's Trainer plus the ``glow sample / reconstruct / interpolate`` subcommands.
+"""GlowTrainer: Lightning's Trainer plus the ``glow sample / reconstruct / interpolate / manipulate`` subcommands.
 
 LightningCLI turns each method's typed arguments and docstring into ``glow <subcommand> --help``
 (DESIGN.md: extra subcommands are Trainer methods). Each loads the weights of ``--ckpt_path``
@@ -20,6 +20,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.trainer.connectors.accelerator_connector import _PLUGIN_INPUT
 
 from ..callbacks.images import Split, labels_of
+from ..flow.quantize import bins_to_unit
 from ..flow.visualize import Interpolation, image_grid, interpolation_grid, reconstruction_grid
 from ..io import (
     AtomicCheckpointIO,
@@ -204,6 +205,101 @@ class GlowTrainer(L.Trainer):
         grid = interpolation_grid(flow, batch["bins"], steps, method, labels_of(flow, batch))
         return self._write(grid, output, f"{pairs} {method} interpolations")
 
+    @torch.no_grad()
+    def manipulate(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule | None = None,
+        *,
+        ckpt_path: str,
+        attribute: str | None = None,
+        direction: str | None = None,
+        direction_images: int = 2000,
+        num_images: int = 8,
+        strengths: list[float] = [-1.5, -0.75, 0.0, 0.75, 1.5],  # noqa: B006 (jsonargparse needs the list)
+        split: Split = "val",
+        output: str = "manipulations.png",
+    ) -> str:
+        """Edit real images along an attribute's direction in standardized latent space (Glow paper, section 5).
+
+        The direction is the mean standardized latent of the training images with the attribute minus that of
+        those without (:meth:`~glow_lightning.flow.glow.Glow.attribute_direction`); it is saved next to
+        ``--output`` as ``.pt`` (attribute, counts, checkpoint) and reused with ``--direction FILE``.
+        The grid has one row per image of ``split`` and one column per strength; strength 0 is the exact
+        reconstruction.
+
+        Args:
+            model: the GlowModule (architecture from the checkpoint).
+            datamodule: where the images come from; its labels define the attribute.
+            ckpt_path: checkpoint of a ``glow fit`` run, or ``last`` (``<default_root_dir>/checkpoints/last.ckpt``).
+            attribute: a class of the datamodule's labels, by index or name (``7`` on MNIST: 7 vs not 7; a
+                folder's subfolder name); on CelebA the attribute set with ``--data.attribute`` (present vs absent).
+            direction: a ``.pt`` direction saved by an earlier run, instead of computing one.
+            direction_images: training images per side (with / without) for the direction; fewer if fewer.
+            num_images: images to edit (grid rows).
+            strengths: multiples of the direction added, one grid column each.
+            split: ``val`` or ``test`` (or ``train``) split of the images to edit.
+            output: the PNG file to write.
+        """
+        self._check_output(output, num_images=num_images, direction_images=direction_images)
+        if not strengths:
+            raise ValueError("--strengths must hold at least one number")
+        flow = self._prepare(model, ckpt_path).flow
+        if direction is not None:
+            saved = load_checkpoint_file(direction)
+            if not isinstance(saved, dict) or "direction" not in saved:
+                raise ValueError(f"--direction {direction} is not a direction saved by glow manipulate")
+            name, vectors = saved["attribute"], [d.to(flow.device) for d in saved["direction"]]
+        else:
+            name, vectors = self._direction(flow, datamodule, attribute, direction_images, ckpt_path, output)
+        batch = self._images(datamodule, split, num_images, flow.device)
+        images = flow.manipulate(bins_to_unit(batch["bins"], flow.n_bits), vectors, strengths, labels_of(flow, batch))
+        grid = image_grid(images, flow.n_bits, len(strengths))
+        header = f"{name}: strengths {', '.join(f'{s:g}' for s in strengths)}"
+        return self._write(with_header(grid, header), output, f"{len(batch['bins'])} images edited along {header}")
+
+    def _direction(self, flow, datamodule, attribute, per_side: int, ckpt_path: str, output: str):
+        """Compute and save the attribute direction from the datamodule's labelled training images."""
+        from tqdm import tqdm
+
+        name, positive = resolve_attribute(datamodule, attribute)
+        train = datamodule.split("train")
+        loader = torch.utils.data.DataLoader(train, batch_size=256)
+        sides: dict[bool, list] = {True: [], False: []}
+        counts = {True: 0, False: 0}
+        for raw in tqdm(loader, desc=f"collecting {name} images", leave=False):
+            batch = datamodule.prepare_batch(raw, train=False)
+            has = batch["label"] == positive
+            for side in (True, False):
+                keep = (has == side).nonzero()[:, 0][: per_side - counts[side]]
+                if len(keep):
+                    sides[side].append((batch["bins"][keep], batch["label"][keep]))
+                    counts[side] += len(keep)
+            if min(counts.values()) >= per_side:
+                break
+        if not counts[True] or not counts[False]:
+            raise ValueError(
+                f"--attribute {attribute}: the training split has {counts[True]} images with it and "
+                f"{counts[False]} without; both sides need at least one"
+            )
+        (x_with, y_with), (x_without, y_without) = (
+            (bins_to_unit(torch.cat([b for b, _ in sides[s]]), flow.n_bits), torch.cat([y for _, y in sides[s]]))
+            for s in (True, False)
+        )
+        conditional = bool(flow.num_classes)
+        vectors = flow.attribute_direction(
+            x_with, x_without, y_with if conditional else None, y_without if conditional else None,
+            progress=lambda batches: tqdm(batches, desc=f"encoding {name} direction", leave=False),
+        )  # fmt: skip
+        path = os.path.splitext(output)[0] + ".direction.pt"
+        payload = {
+            "attribute": name, "label": positive, "direction": [v.cpu() for v in vectors],
+            "counts": {"with": counts[True], "without": counts[False]}, "ckpt_path": ckpt_path,
+        }  # fmt: skip
+        torch.save(payload, path)
+        print(f"direction of {name} from {counts[True]} images with and {counts[False]} without: {path}")
+        return name, vectors
+
     def prepare(
         self,
         model: L.LightningModule,
@@ -246,3 +342,39 @@ class GlowTrainer(L.Trainer):
             raise ValueError(f"real images need a glow_lightning datamodule, got {type(datamodule).__name__}")
         datamodule.prepare_data()
         return datamodule.fixed_images(split, num_images, device)
+
+
+def resolve_attribute(datamodule, attribute: str | None) -> tuple[str, int]:
+    """``--attribute`` -> (its name, the label of the images that have it)."""
+    if datamodule is None:
+        raise ValueError("glow manipulate needs labelled images: pass the training config (--config) or --data")
+    celeba = getattr(datamodule, "attribute", None)
+    if celeba is not None or type(datamodule).__name__.startswith("CelebA"):
+        if not celeba:
+            raise ValueError("--attribute on CelebA: set it with --data.attribute (e.g. Smiling)")
+        if attribute not in (None, celeba):
+            raise ValueError(f"--attribute {attribute}: this CelebA datamodule's labels are --data.attribute {celeba}")
+        return celeba, 1
+    if attribute is None:
+        raise ValueError("glow manipulate needs --attribute (a class index or name of the dataset's labels)")
+    names = [str(n) for n in getattr(datamodule, "classes", None) or []]
+    classes = datamodule.dataset_classes
+    if str(attribute) in names:
+        return str(attribute), names.index(str(attribute))
+    if str(attribute).isdigit() and int(attribute) < classes:
+        return str(attribute), int(attribute)
+    known = f"classes 0..{classes - 1}" + (f" or {', '.join(names)}" if names else "") if classes else "no labels"
+    raise ValueError(f"--attribute {attribute} is not a class of {type(datamodule).__name__} (it has {known})")
+
+
+def with_header(grid: torch.Tensor, text: str, height: int = 14) -> torch.Tensor:
+    """A (3, H, W) grid with a white band of ``height`` pixels on top holding ``text`` in black; a grid
+    narrower than the text is padded with white on the right."""
+    from PIL import Image, ImageDraw
+    from torchvision.transforms.functional import pil_to_tensor
+
+    width = max(grid.shape[2], int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text)) + 4)
+    band = Image.new("RGB", (width, height), "white")
+    ImageDraw.Draw(band).text((2, 1), text, fill="black")
+    grid = torch.nn.functional.pad(grid.cpu(), (0, width - grid.shape[2]), value=1.0)
+    return torch.cat([pil_to_tensor(band).float() / 255, grid], dim=1)

@@ -203,10 +203,11 @@ class Glow(nn.Module):
         return run(step, h)
 
     def _encode(
-        self, x: Tensor, labels: Tensor | None = None, check_values: bool = False
+        self, x: Tensor, labels: Tensor | None = None, check_values: bool = False, priors: list | None = None
     ) -> tuple[list[Tensor], Tensor, list[Tensor]]:
         """x -> (latents, logdet, per-level prior log-probs), all in one pass; ``check_values``: the values of x
-        and labels too (eval mode or initialisation only, see :func:`.checks.check_value_ranges`)."""
+        and labels too (eval mode or initialisation only, see :func:`.checks.check_value_ranges`); ``priors``:
+        a list that receives each level's prior (mean, logs)."""
         check_images(self, x)
         check_labels(self, labels, x.shape[0])
         if check_values:
@@ -227,12 +228,23 @@ class Glow(nn.Module):
                 z = h
                 mean, logs = self.top_prior(h.shape[0], h.device, labels)
             latents.append(z)
+            if priors is not None:
+                priors.append((mean, logs))
             prior_terms.append(gaussian_log_prob(z, mean, logs))
         return latents, logdet, prior_terms
 
-    def encode(self, x: Tensor, labels: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
-        """Images (B, C, H, W) in [0, 1] -> (one latent per level, log|det dlatents/dx| of shape (B,))."""
-        latents, logdet, _ = self._encode(x, labels, check_values=True)
+    def encode(self, x: Tensor, labels: Tensor | None = None, standardize: bool = False) -> tuple[list[Tensor], Tensor]:
+        """Images (B, C, H, W) in [0, 1] -> (one latent per level, log|det dlatents/dx| of shape (B,)).
+
+        ``standardize``: return each level's latent standardized by its prior, eps = (z - mean) / exp(logs)
+        (openai/glow's ``eps``; the split priors' mean and scale depend on the kept half, the top prior's on
+        the label). Invert with ``decode(eps, labels, standardized=True)``. The log-determinant stays that of
+        the raw latents.
+        """
+        priors: list[tuple[Tensor, Tensor]] = []
+        latents, logdet, _ = self._encode(x, labels, check_values=True, priors=priors if standardize else None)
+        if standardize:
+            latents = [(z - mean) * torch.exp(-logs) for z, (mean, logs) in zip(latents, priors)]
         return latents, logdet
 
     def log_prob_terms(self, x: Tensor, labels: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
@@ -276,10 +288,93 @@ class Glow(nn.Module):
             h = unsqueeze(h)  # (B, 4C, H/2, W/2) -> (B, C, H, W)
         return h + 0.5
 
-    def decode(self, latents: Sequence[Tensor]) -> Tensor:
-        """The exact inverse of :meth:`encode`: one latent per level -> images (B, C, H, W)."""
+    def decode(
+        self,
+        latents: Sequence[Tensor],
+        labels: Tensor | None = None,
+        standardized: bool = False,
+        top_prior: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """The exact inverse of :meth:`encode`: one latent per level -> images (B, C, H, W).
+
+        ``standardized``: the latents are :meth:`encode`'s ``standardize=True`` eps; each level's
+        z = mean + exp(logs) * eps is rebuilt top-down, since each split prior depends on the levels above.
+        The top prior is that of ``labels`` or, if given, ``top_prior`` = (mean, logs), each (B, C, H, W).
+        """
         check_latents(self, latents)
-        return self._decode(latents[-1], lambda level, h: latents[level])
+        if not standardized:
+            return self._decode(latents[-1], lambda level, h: latents[level])
+        if top_prior is None:
+            check_labels(self, labels, latents[-1].shape[0])
+            top_prior = self.top_prior(latents[-1].shape[0], latents[-1].device, labels)
+        mean, logs = top_prior
+        top = mean + torch.exp(logs) * latents[-1]
+
+        def rebuild(level: int, h: Tensor) -> Tensor:
+            mean, logs = self.split_priors[level](h)
+            return mean + torch.exp(logs) * latents[level]
+
+        return self._decode(top, rebuild)
+
+    # ------------------------------------------------------ attribute manipulation
+    @torch.no_grad()
+    def attribute_direction(
+        self,
+        x_with: Tensor,
+        x_without: Tensor,
+        labels_with: Tensor | None = None,
+        labels_without: Tensor | None = None,
+        batch_size: int = 256,
+        progress=None,
+    ) -> list[Tensor]:
+        """Mean standardized latent of images with an attribute minus that of images without, one (C, H, W)
+        tensor per level (Kingma & Dhariwal, 2018, section 5 / figure 5; openai/glow ``demo/get_manipulators.py``).
+
+        Images in [0, 1] are encoded noise-free at their bin centres, in batches of ``batch_size``;
+        ``progress`` optionally wraps the iterable of batches (e.g. ``tqdm``).
+        """
+        if len(x_with) < 1 or len(x_without) < 1:
+            raise ValueError(f"attribute_direction needs images on both sides, got {len(x_with)} and {len(x_without)}")
+        jobs = [(0, x_with, labels_with), (1, x_without, labels_without)]
+        batches = [
+            (side, x[i : i + batch_size], None if y is None else y[i : i + batch_size])
+            for side, x, y in jobs
+            for i in range(0, len(x), batch_size)
+        ]
+        sums = [
+            [torch.zeros(shape, dtype=torch.float64, device=self.device) for shape in self.latent_shapes] for _ in jobs
+        ]
+        for side, x, y in progress(batches) if progress is not None else batches:
+            eps, _ = self.encode(self._bin_centres(x.to(self.device)), y if y is None else y.to(self.device), True)
+            for total, e in zip(sums[side], eps):
+                total += e.double().sum(0)
+        return [(a / len(x_with) - b / len(x_without)).float() for a, b in zip(*sums)]
+
+    @torch.no_grad()
+    def manipulate(
+        self, x: Tensor, direction: Sequence[Tensor], strengths: Sequence[float], labels: Tensor | None = None
+    ) -> Tensor:
+        """Decode eps(x) + s * direction for each strength s: (N, C, H, W) -> (N * S, C, H, W), image-major
+        (row n of a grid with S columns holds image n's edits), quantized like :meth:`sample`.
+
+        Images are encoded noise-free at their bin centres, so strength 0 is the exact reconstruction.
+        """
+        check_latents(self, [d[None] for d in direction])
+        x = x.to(self.device)
+        s = torch.as_tensor(list(strengths), dtype=torch.float32, device=x.device)
+        if s.dim() != 1 or len(s) < 1 or not torch.isfinite(s).all():
+            raise ValueError(f"strengths must be a non-empty list of finite numbers, got {list(strengths)!r}")
+        eps, _ = self.encode(self._bin_centres(x), None if labels is None else labels.to(self.device), True)
+        edited = [  # (N, C, H, W) -> (N, S, C, H, W) -> (N * S, C, H, W)
+            (e[:, None] + s.view(1, -1, 1, 1, 1) * d.to(e)[None, None]).flatten(0, 1) for e, d in zip(eps, direction)
+        ]
+        labels = None if labels is None else labels.to(self.device).repeat_interleave(len(s))
+        images = self.decode(edited, labels, standardized=True)
+        return bins_to_unit(unit_to_bins(images, self.n_bits), self.n_bits)
+
+    def _bin_centres(self, x: Tensor) -> Tensor:
+        """Images in [0, 1] -> the centres of their n_bits bins, (k + 0.5) / 2**n_bits."""
+        return bins_to_unit(unit_to_bins(x, self.n_bits), self.n_bits, offset=0.5)
 
     @torch.no_grad()
     def sample(

@@ -30,9 +30,10 @@ def quantize(x: Tensor, n_bits: int) -> Tensor:
 
 
 @torch.no_grad()
-def encode_bins(flow: Glow, bins: Tensor, labels: Tensor | None = None) -> list[Tensor]:
-    """Integer bins (B, C, H, W) -> one latent per level, encoding the noise-free bin centres."""
-    latents, _ = flow.encode(bins_to_unit(bins, flow.n_bits, offset=0.5), labels)
+def encode_bins(flow: Glow, bins: Tensor, labels: Tensor | None = None, standardize: bool = False) -> list[Tensor]:
+    """Integer bins (B, C, H, W) -> one latent per level, encoding the noise-free bin centres
+    (``standardize``: each standardized by its prior, see :meth:`Glow.encode`)."""
+    latents, _ = flow.encode(bins_to_unit(bins, flow.n_bits, offset=0.5), labels, standardize)
     return latents
 
 
@@ -99,10 +100,19 @@ def interpolate(
 ) -> Tensor:
     """Decode ``steps`` points between the latents of P pairs of images -> (P * steps, C, H, W), pair-major.
 
-    The first and last image of each row are the reconstructions of the pair's two images.
+    The paths run between standardized latents (:meth:`Glow.encode` with ``standardize=True``), where every
+    level is on the scale of a standard normal, as slerp assumes (White, 2016; openai/glow's demo edits eps
+    too); raw latents' scales differ between levels and images. The top prior's mean and log-scale follow
+    a straight line from image a's label to image b's. The first and last image of each row are the
+    reconstructions of the pair's two images.
     """
-    path = interpolate_latents(encode_bins(flow, bins_a, labels_a), encode_bins(flow, bins_b, labels_b), steps, method)
-    return quantize(flow.decode(path), flow.n_bits)
+    eps_a = encode_bins(flow, bins_a, labels_a, standardize=True)
+    eps_b = encode_bins(flow, bins_b, labels_b, standardize=True)
+    path = interpolate_latents(eps_a, eps_b, steps, method)
+    t = torch.linspace(0, 1, steps, device=eps_a[-1].device)
+    (mean_a, logs_a), (mean_b, logs_b) = (flow.top_prior(len(bins_a), t.device, y) for y in (labels_a, labels_b))
+    top_prior = (lerp(mean_a, mean_b, t).flatten(0, 1), lerp(logs_a, logs_b, t).flatten(0, 1))
+    return quantize(flow.decode(path, standardized=True, top_prior=top_prior), flow.n_bits)
 
 
 def image_grid(images: Tensor, n_bits: int, nrow: int = 8, padding: int = 2, pad_value: float = 1.0) -> Tensor:
