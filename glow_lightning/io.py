@@ -143,6 +143,24 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:
     return ckpt
 
 
+def checkpoint_write_error(path: str, err: OSError) -> str:
+    """The message for a failed checkpoint write: the directory, the reason and what is still intact."""
+    directory = posixpath.dirname(path.rstrip("/")) or "."
+    try:
+        fs, root = url_to_fs(directory)
+        kept = sorted(
+            (p for p in fs.ls(root, detail=True) if p["name"].endswith(".ckpt")), key=lambda p: p.get("mtime", 0)
+        )
+        intact = (
+            f"the previous checkpoint {join(directory, posixpath.basename(kept[-1]['name']))} is intact"
+            if kept
+            else "no earlier checkpoint exists there"
+        )
+    except OSError:
+        intact = "earlier checkpoints there are untouched (writes are atomic)"
+    return f"cannot write checkpoint {path} in {directory} ({first_line(err)}); {intact}"
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning CheckpointIO: atomic writes beside the target, ``weights_only=True`` loads, any fsspec URL.
 
@@ -155,7 +173,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        atomic_write(str(path), buffer.getbuffer())
+        try:
+            atomic_write(str(path), buffer.getbuffer())
+        except OSError as err:  # disk full, read-only or vanished directory: one line, not a traceback
+            raise NotWritableError(checkpoint_write_error(str(path), err)) from err
 
     @override
     def load_checkpoint(

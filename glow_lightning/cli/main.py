@@ -41,11 +41,12 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import signal
 import sys
 
 from fsspec.core import url_to_fs
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from typing_extensions import override
 
 from .. import __version__
@@ -59,6 +60,7 @@ from ..callbacks import (
     ReconstructionImages,
     SampleImages,
 )
+from ..callbacks.preemption import exit_code
 from ..data import GlowDataModule
 from ..data.base import DatasetError
 from ..io import NotWritableError, UnreadableCheckpointError, check_writable, join, load_checkpoint_file
@@ -292,6 +294,24 @@ def main(args: list[str] | None = None) -> GlowCLI | None:
     ) as err:
         print(f"glow: error: {err}", file=sys.stderr)
         raise SystemExit(1) from err
+    except SIGTERMException as stop:  # SIGTERM / SIGINT (GlowCheckpoint wrote last.ckpt): exit as the shell would
+        raise SystemExit(exit_code(stopped(stop))) from stop
+
+
+def stopped(stop: SIGTERMException) -> int:
+    """Print the one line about a fit stopped by a signal; return the signal number."""
+    signum = getattr(stop, "glow_signal", None) or signal.SIGTERM
+    name = signal.Signals(signum).name
+    path = getattr(stop, "glow_checkpoint", None)
+    step = getattr(stop, "glow_step", None)
+    if path:
+        where = (
+            f"the newest checkpoint is {path} (global step {step}); resume with the same command plus --ckpt_path last"
+        )
+    else:
+        where = "no checkpoint was written (no training step had finished)"
+    print(f"glow: stopped by {name}: {where}", file=sys.stderr, flush=True)
+    return int(signum)
 
 
 def entry() -> None:
