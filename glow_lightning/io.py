@@ -144,20 +144,24 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:
 
 
 def checkpoint_write_error(path: str, err: OSError) -> str:
-    """The message for a failed checkpoint write: the directory, the reason and what is still intact."""
+    """The message for a failed checkpoint write: the directory, the reason and the checkpoint still intact.
+
+    Writes are atomic, so the file being replaced still holds its previous version; a new file's
+    directory still holds the newest earlier checkpoint.
+    """
     directory = posixpath.dirname(path.rstrip("/")) or "."
     try:
-        fs, root = url_to_fs(directory)
-        kept = sorted(
-            (p for p in fs.ls(root, detail=True) if p["name"].endswith(".ckpt")), key=lambda p: p.get("mtime", 0)
-        )
-        intact = (
-            f"the previous checkpoint {join(directory, posixpath.basename(kept[-1]['name']))} is intact"
-            if kept
-            else "no earlier checkpoint exists there"
-        )
+        fs, target = url_to_fs(path)
+        if fs.exists(target):
+            return f"cannot write checkpoint {path} in {directory} ({first_line(err)}); its previous version is intact"
+        kept = [p for p in fs.ls(posixpath.dirname(target), detail=True) if p["name"].endswith(".ckpt")]
     except OSError:
-        intact = "earlier checkpoints there are untouched (writes are atomic)"
+        kept = []
+    if kept:
+        newest = max(kept, key=lambda p: p.get("mtime", 0))["name"]
+        intact = f"the previous checkpoint {join(directory, posixpath.basename(newest))} is intact"
+    else:
+        intact = "no earlier checkpoint exists there"
     return f"cannot write checkpoint {path} in {directory} ({first_line(err)}); {intact}"
 
 
