@@ -122,9 +122,11 @@ class GlowCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self.signals.sync(trainer)
         n = self._every_n_train_steps
-        if self.signals.save_requested or (n >= 1 and trainer.global_step % n == 0):
-            self.signals.save_requested = False
-            self.write_last(trainer)
+        requested, self.signals.save_requested = self.signals.save_requested, False
+        if requested or (n >= 1 and trainer.global_step % n == 0):
+            path = self.write_last(trainer)
+            if requested and path and trainer.is_global_zero:
+                print(f"glow: save requested by signal: wrote {path} (global step {trainer.global_step})", flush=True)
 
     @override
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -152,6 +154,7 @@ class GlowCheckpoint(ModelCheckpoint):
         exception.glow_signal = signum  # type: ignore[attr-defined]
         exception.glow_checkpoint = path or (self.last_model_path or None)  # type: ignore[attr-defined]
         exception.glow_step = trainer.global_step  # type: ignore[attr-defined]
+        exception.glow_report = trainer.is_global_zero  # type: ignore[attr-defined]  (one line, from rank 0)
 
     @override
     def teardown(self, trainer, pl_module, stage: str) -> None:

@@ -310,7 +310,8 @@ def stopped(stop: SIGTERMException) -> int:
         )
     else:
         where = "no checkpoint was written (no training step had finished)"
-    print(f"glow: stopped by {name}: {where}", file=sys.stderr, flush=True)
+    if getattr(stop, "glow_report", True):
+        print(f"glow: stopped by {name}: {where}", file=sys.stderr, flush=True)
     return int(signum)
 
 
