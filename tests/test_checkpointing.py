@@ -112,3 +112,33 @@ def test_a_full_disk_during_training_is_one_error_line_naming_the_intact_checkpo
     intact = intact.group(1) if intact else failed  # "its previous version is intact"
     assert intact == failed or "its previous version" not in errors[0]
     assert step_of(intact) == 4  # epoch 0's save, readable
+
+
+def test_resume_with_a_new_lr_and_warmup_applies_them_from_the_resumed_step(cifar_dir, tmp_path, capsys):
+    run = str(tmp_path)
+    args = fit_args(cifar_dir, run, "--trainer.num_sanity_val_steps", "0")
+    main(args + ["--trainer.max_epochs", "1"])  # 4 steps at lr 1e-3 (debug: warmup 2, constant)
+    capsys.readouterr()
+    resumed = main(args + ["--ckpt_path", "last", "--model.lr", "1e-4", "--model.warmup_steps", "8",
+                           "--trainer.callbacks+", f"{HELPERS}.LrRecorder"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "glow: resuming with lr 0.0001 (checkpoint: 0.001), warmup_steps 8 (checkpoint: 2)" in out
+    trainer = resumed.trainer
+    recorder = next(c for c in trainer.callbacks if isinstance(c, LrRecorder))
+    assert recorder.start_step == 4 and trainer.global_step == 8
+    assert trainer.lr_scheduler_configs[0].scheduler.base_lrs == [1e-4]
+    assert trainer.optimizers[0].param_groups[0]["initial_lr"] == 1e-4
+    expected = [(s, 1e-4 * (s + 1) / 8) for s in range(4, 8)]  # the new warmup, from the resumed step on
+    assert [s for s, _ in recorder.lrs] == [s for s, _ in expected]
+    assert [lr for _, lr in recorder.lrs] == pytest.approx([lr for _, lr in expected], rel=1e-9)
+    assert load_checkpoint_file(os.path.join(run, "checkpoints", "last.ckpt"))["hyper_parameters"]["lr"] == 1e-4
+
+
+def test_resume_with_another_architecture_is_still_refused(cifar_dir, tmp_path, capsys):
+    run = str(tmp_path)
+    args = fit_args(cifar_dir, run, "--trainer.num_sanity_val_steps", "0", "--trainer.max_epochs", "1")
+    main(args)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args + ["--ckpt_path", "last", "--model.hidden_channels", "8"])
+    assert exit_info.value.code == 2
+    assert "--model.hidden_channels=8 (checkpoint: 16)" in capsys.readouterr().err

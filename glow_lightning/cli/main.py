@@ -46,6 +46,7 @@ import sys
 
 from fsspec.core import url_to_fs
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from typing_extensions import override
 
@@ -75,6 +76,18 @@ LINKED_FROM_DATA = {
     "num_classes": "num_classes",
 }
 EVALUATION_ONLY = ("iw_samples",)  # model arguments a --ckpt_path does not override
+# model arguments that may change on resume (from the resumed step on); the others fix the architecture
+TRAINING_KEYS = (
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "schedule",
+    "y_weight",
+    "max_consecutive_skips",
+    "init_batch_size",
+    "compile",
+    "memory_saving",
+)
 IMAGE_SUBCOMMANDS = ("sample", "reconstruct", "interpolate")  # GlowTrainer methods
 NEEDS_NO_DATA = ("sample",)
 
@@ -206,14 +219,19 @@ class GlowCLI(LightningCLI):
         defaults = {k: p.default for k, p in inspect.signature(GlowModule.__init__).parameters.items()}
         model_config = self.config[subcommand].model
         explicit = self._explicit_model_keys(subcommand)
-        conflicts, updates = [], {}
+        conflicts, changed, updates = [], [], {}
         for key, saved in hparams.items():
             if key not in defaults or key in LINKED_FROM_DATA.values() or key in EVALUATION_ONLY:
                 continue  # linked values are checked against the checkpoint when it is loaded
             given = model_config.get(key, defaults[key])
             if (given != defaults[key] or key in explicit) and given != saved:
+                if key in TRAINING_KEYS:  # applies from the resumed step on (GlowModule.on_train_start)
+                    changed.append(f"{key} {given!r} (checkpoint: {saved!r})")
+                    continue
                 conflicts.append(f"--model.{key}={given!r} (checkpoint: {saved!r})")
             updates[key] = saved
+        if changed and subcommand == "fit" and rank_zero_only.rank == 0:
+            print(f"glow: resuming with {', '.join(changed)}", flush=True)
         if conflicts:
             self._parser(subcommand).error(
                 f"values given for {ckpt_path} contradict the checkpoint: {', '.join(conflicts)}. "
