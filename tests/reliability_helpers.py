@@ -105,12 +105,22 @@ class FailingWrites(L.Callback):
 
     def __init__(self, step: int = 6):
         self.step = step
+        self._original = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self._original is None:
             import glow_lightning.io as gio
 
             def full(f, data):
                 raise OSError(errno.ENOSPC, "No space left on device")
 
-            gio._write_chunks = full
+            self._original, gio._write_chunks = gio._write_chunks, full
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.teardown(trainer, pl_module, "fit")  # Lightning skips teardown hooks after an exception
+
+    def teardown(self, trainer, pl_module, stage):
+        if self._original is not None:
+            import glow_lightning.io as gio
+
+            gio._write_chunks, self._original = self._original, None

@@ -22,6 +22,8 @@ from .conftest import ROOT, fit_args
 from .reliability_helpers import LrRecorder, MarkerThenWait
 
 HELPERS = "tests.reliability_helpers"
+QUICK = ["--trainer.num_sanity_val_steps", "0", "--samples.every_n_epochs", "0", "--reconstructions.every_n_epochs", "0",
+         "--interpolations.every_n_epochs", "0", "--invertibility.every_n_epochs", "0"]  # fmt: skip
 
 
 def step_of(path: str) -> int:
@@ -36,8 +38,7 @@ def checkpoints(run: str) -> dict[str, int]:
 def test_last_ckpt_follows_every_validation_on_a_plateau(cifar_dir, tmp_path):
     # mode max on a falling val/bpd: the best file stays at an early epoch, last.ckpt must not
     run = str(tmp_path)
-    cli = main(fit_args(cifar_dir, run, "--trainer.max_epochs", "3", "--checkpoint.mode", "max",
-                        "--trainer.num_sanity_val_steps", "0"))  # fmt: skip
+    cli = main(fit_args(cifar_dir, run, "--trainer.max_epochs", "3", "--checkpoint.mode", "max", *QUICK))
     saved = checkpoints(run)
     assert saved.pop("last.ckpt") == cli.trainer.global_step == 12
     assert len(saved) == 1 and min(saved.values()) < 12  # the one best file, from before the end (plateau)
@@ -47,10 +48,9 @@ def test_last_ckpt_follows_every_validation_on_a_plateau(cifar_dir, tmp_path):
 @pytest.mark.parametrize("stop", ["max_steps", "max_time"])
 def test_last_ckpt_holds_the_final_step_of_a_run_stopped_mid_epoch(cifar_dir, tmp_path, stop, ema):
     run = str(tmp_path)
-    limit = ["--trainer.max_steps", "6"] if stop == "max_steps" else ["--trainer.max_time", "00:00:00:02"]
+    limit = ["--trainer.max_steps", "6"] if stop == "max_steps" else ["--trainer.max_time", "00:00:00:03"]
     extra = ["--ema.decay", "0.9"] if ema else []
-    cli = main(fit_args(cifar_dir, run, "--trainer.max_epochs", "1000", "--trainer.num_sanity_val_steps", "0",
-                        *limit, *extra))  # fmt: skip
+    cli = main(fit_args(cifar_dir, run, "--trainer.max_epochs", "1000", *QUICK, *limit, *extra))
     step = cli.trainer.global_step
     if stop == "max_steps":
         assert step == 6  # mid-epoch: 4 batches per epoch
@@ -60,16 +60,16 @@ def test_last_ckpt_holds_the_final_step_of_a_run_stopped_mid_epoch(cifar_dir, tm
     final = {k: v for k, v in module.state_dict().items()}
     weights = [k for k in last["state_dict"] if last["state_dict"][k].is_floating_point()]
     assert all(torch.equal(last["state_dict"][k], final[k]) for k in weights)  # after training: EMA copied in
-    if ema:
+    if ema and step >= 2:  # the first EMA update copies the weights
         raw = last["current_model_state"]
         assert any(not torch.equal(raw[k], last["state_dict"][k]) for k in weights)  # raw ones kept apart
-    else:
+    elif not ema:
         assert "current_model_state" not in last
 
 
 def test_sigterm_to_the_process_group_saves_exits_143_and_resumes(cifar_dir, tmp_path):
     run = str(tmp_path / "run")
-    args = fit_args(cifar_dir, run, "--trainer.num_sanity_val_steps", "0", "--data.init_args.num_workers", "1")
+    args = fit_args(cifar_dir, run, *QUICK, "--data.init_args.num_workers", "1")
     env = {**os.environ, "PYTHONPATH": ROOT, "WANDB_MODE": "offline"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "glow_lightning.cli", *args, "--trainer.callbacks+", f"{HELPERS}.MarkerThenWait"],
@@ -100,8 +100,7 @@ def test_sigterm_to_the_process_group_saves_exits_143_and_resumes(cifar_dir, tmp
 def test_a_full_disk_during_training_is_one_error_line_naming_the_intact_checkpoint(cifar_dir, tmp_path, capsys):
     run = str(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        main(fit_args(cifar_dir, run, "--trainer.num_sanity_val_steps", "0",
-                      "--trainer.callbacks+", f"{HELPERS}.FailingWrites"))  # fmt: skip
+        main(fit_args(cifar_dir, run, *QUICK, "--trainer.callbacks+", f"{HELPERS}.FailingWrites"))
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     errors = [x for x in err if x.startswith("glow: error:")]
@@ -116,7 +115,7 @@ def test_a_full_disk_during_training_is_one_error_line_naming_the_intact_checkpo
 
 def test_resume_with_a_new_lr_and_warmup_applies_them_from_the_resumed_step(cifar_dir, tmp_path, capsys):
     run = str(tmp_path)
-    args = fit_args(cifar_dir, run, "--trainer.num_sanity_val_steps", "0")
+    args = fit_args(cifar_dir, run, *QUICK)
     main(args + ["--trainer.max_epochs", "1"])  # 4 steps at lr 1e-3 (debug: warmup 2, constant)
     capsys.readouterr()
     resumed = main(args + ["--ckpt_path", "last", "--model.lr", "1e-4", "--model.warmup_steps", "8",
@@ -133,12 +132,7 @@ def test_resume_with_a_new_lr_and_warmup_applies_them_from_the_resumed_step(cifa
     assert [lr for _, lr in recorder.lrs] == pytest.approx([lr for _, lr in expected], rel=1e-9)
     assert load_checkpoint_file(os.path.join(run, "checkpoints", "last.ckpt"))["hyper_parameters"]["lr"] == 1e-4
 
-
-def test_resume_with_another_architecture_is_still_refused(cifar_dir, tmp_path, capsys):
-    run = str(tmp_path)
-    args = fit_args(cifar_dir, run, "--trainer.num_sanity_val_steps", "0", "--trainer.max_epochs", "1")
-    main(args)
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit) as exit_info:  # the architecture still has to match
         main(args + ["--ckpt_path", "last", "--model.hidden_channels", "8"])
     assert exit_info.value.code == 2
     assert "--model.hidden_channels=8 (checkpoint: 16)" in capsys.readouterr().err
