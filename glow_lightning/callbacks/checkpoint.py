@@ -21,7 +21,7 @@
   that was killed. (Atomic writes and ``weights_only=True`` loads are the CheckpointIO's job:
   :class:`~glow_lightning.io.AtomicCheckpointIO`, which the ``glow`` CLI's trainer adds.)
 
-Private library API used here (check on upgrades): ``ModelCheckpoint._fs``.
+Private library API used here (check on upgrades): ``ModelCheckpoint._fs``, ``ModelCheckpoint._every_n_train_steps``.
 """
 
 from __future__ import annotations

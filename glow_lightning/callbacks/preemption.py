@@ -17,7 +17,8 @@ follow the shell convention 128 + signal number (143 for SIGTERM, 130 for SIGINT
   ``trainer.save_checkpoint``).
 
 Private library API used here (check on upgrades): ``Trainer._signal_connector.received_sigterm`` (the
-flag Lightning's loops test after each batch; the public ``trainer.received_sigterm`` is read-only).
+flag Lightning's loops test after each batch; the public ``trainer.received_sigterm`` is read-only) and
+``Trainer._accelerator_connector.cluster_environment`` (SLURM's requeue signal).
 Source for the exit-code convention: the POSIX shell, "Exit Status for Commands"
 (https://pubs.opengroup.org/onlinepubs/9699919799/utilities/V3_chap02.html#tag_18_08_02).
 """

@@ -18,6 +18,10 @@
   also finds checkpoints on s3://, gs:// or memory:// (Lightning's own lookup drops the protocol).
 - User errors (bad values, missing or unreadable files, unwritable directories, a training run
   stopped by the non-finite guard) end with a one-line ``glow: error: ...``, not a traceback.
+- A fit stopped by SIGTERM / SIGINT (GlowCheckpoint has written ``last.ckpt``) exits with 143 / 130 and
+  one line naming the checkpoint and ``--ckpt_path last``.
+- On a fit resume, training settings (:data:`TRAINING_KEYS`) may differ from the checkpoint: they apply
+  from the resumed step on (one ``glow: resuming with ...`` line); architecture values may not.
 
 Private library API used here, each for want of a public hook (check these on a Lightning or
 jsonargparse upgrade):
