@@ -149,6 +149,28 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:
     return ckpt
 
 
+def checkpoint_write_error(path: str, err: OSError) -> str:
+    """The message for a failed checkpoint write: the directory, the reason and the checkpoint still intact.
+
+    Writes are atomic, so the file being replaced still holds its previous version; a new file's
+    directory still holds the newest earlier checkpoint.
+    """
+    directory = posixpath.dirname(path.rstrip("/")) or "."
+    try:
+        fs, target = url_to_fs(path)
+        if fs.exists(target):
+            return f"cannot write checkpoint {path} in {directory} ({first_line(err)}); its previous version is intact"
+        kept = [p for p in fs.ls(posixpath.dirname(target), detail=True) if p["name"].endswith(".ckpt")]
+    except OSError:
+        kept = []
+    if kept:
+        newest = max(kept, key=lambda p: p.get("mtime", 0))["name"]
+        intact = f"the previous checkpoint {join(directory, posixpath.basename(newest))} is intact"
+    else:
+        intact = "no earlier checkpoint exists there"
+    return f"cannot write checkpoint {path} in {directory} ({first_line(err)}); {intact}"
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning CheckpointIO: atomic writes beside the target, ``weights_only=True`` loads, any fsspec URL.
 
@@ -161,7 +183,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        atomic_write(str(path), buffer.getbuffer())
+        try:
+            atomic_write(str(path), buffer.getbuffer())
+        except OSError as err:  # disk full, read-only or vanished directory: one line, not a traceback
+            raise NotWritableError(checkpoint_write_error(str(path), err)) from err
 
     @override
     def load_checkpoint(

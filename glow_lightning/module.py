@@ -280,6 +280,27 @@ class GlowModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    @override
+    def on_train_start(self) -> None:
+        """On resume, apply this run's lr and weight_decay to the restored optimizer and schedule.
+
+        Lightning restores the optimizer's param groups and the scheduler's ``base_lrs`` from the
+        checkpoint; a ``--model.lr`` / ``--model.weight_decay`` given on resume applies from the resumed
+        step on (warmup_steps and schedule are read live by :meth:`lr_factor`).
+        """
+        if self.trainer.ckpt_path is None:
+            return
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if getattr(scheduler, "base_lrs", None) is None:
+                continue
+            scheduler.base_lrs = [self.hparams.lr] * len(scheduler.base_lrs)
+            for group in scheduler.optimizer.param_groups:
+                group["initial_lr"] = self.hparams.lr
+                group["lr"] = self.hparams.lr * self.lr_factor(scheduler.last_epoch)
+                if "weight_decay" in group:
+                    group["weight_decay"] = self.hparams.weight_decay
+
     # ------------------------------------------------------------ checkpoints
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

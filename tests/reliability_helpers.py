@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import time
+
 import lightning as L
 import torch
 from torch.utils.data import TensorDataset
@@ -77,3 +80,47 @@ class IndexRecorder(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.indices.append(batch["index"].tolist())
+
+
+class MarkerThenWait(L.Callback):
+    """Fault injection for the signal tests: after optimizer step ``step``, print a marker and wait for a signal."""
+
+    MARKER = "GLOW-TEST-READY-FOR-SIGNAL"
+
+    def __init__(self, step: int = 3, timeout: float = 120.0):
+        self.step = step
+        self.timeout = timeout
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self.step:
+            return
+        print(self.MARKER, flush=True)
+        deadline = time.monotonic() + self.timeout
+        while not trainer.received_sigterm and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+class FailingWrites(L.Callback):
+    """From optimizer step ``step`` on, every checkpoint write fails as on a full disk (ENOSPC)."""
+
+    def __init__(self, step: int = 6):
+        self.step = step
+        self._original = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and self._original is None:
+            import glow_lightning.io as gio
+
+            def full(f, data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            self._original, gio._write_chunks = gio._write_chunks, full
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.teardown(trainer, pl_module, "fit")  # Lightning skips teardown hooks after an exception
+
+    def teardown(self, trainer, pl_module, stage):
+        if self._original is not None:
+            import glow_lightning.io as gio
+
+            gio._write_chunks, self._original = self._original, None

@@ -7,11 +7,21 @@
   auto-inserted metric name would make a subfolder.
 - A new fit (no ``--ckpt_path``) into a directory that already holds checkpoints stops with a
   message instead of overwriting an earlier run.
+- ``last.ckpt`` is written by this class, not by ModelCheckpoint (which in Lightning 2.6 rewrites it only
+  when a top-k file is saved, so it went stale on every plateau): after every validation, every
+  ``every_n_train_steps``, every training epoch and at the end of training however it ends (max_epochs,
+  max_steps, max_time, a stop signal), through ``trainer.save_checkpoint`` (the atomic CheckpointIO),
+  once per global step. With EMA, the end-of-training save happens at the last ``on_train_epoch_end``,
+  before GlowEMA copies the average into the module, so ``current_model_state`` still holds the raw
+  weights. A run stopped by the non-finite guard (NonFiniteTrainingError) writes nothing more.
+- SIGTERM / SIGINT stop the fit after the current step and write ``last.ckpt``; SIGUSR1 (SLURM's
+  requeue signal) writes it and training goes on (:mod:`~glow_lightning.callbacks.preemption`). The
+  ``glow`` CLI turns the stop into exit code 143 / 130 and one line naming the checkpoint.
 - A fit first checks that the directory is writable and removes the temporary files of a writer
   that was killed. (Atomic writes and ``weights_only=True`` loads are the CheckpointIO's job:
   :class:`~glow_lightning.io.AtomicCheckpointIO`, which the ``glow`` CLI's trainer adds.)
 
-Private library API used here (check on upgrades): ``ModelCheckpoint._fs``.
+Private library API used here (check on upgrades): ``ModelCheckpoint._fs``, ``ModelCheckpoint._every_n_train_steps``.
 """
 
 from __future__ import annotations
@@ -19,9 +29,12 @@ from __future__ import annotations
 from typing import Literal
 
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
-from ..io import check_writable, remove_stale_temporaries
+from ..io import check_writable, join, remove_stale_temporaries
+from .preemption import SignalFlags
 
 
 class GlowCheckpoint(ModelCheckpoint):
@@ -33,7 +46,8 @@ class GlowCheckpoint(ModelCheckpoint):
         monitor: metric that ranks checkpoints.
         mode: ``min`` or ``max`` of ``monitor``.
         save_top_k: how many best checkpoints to keep (-1 = all).
-        save_last: also write ``last.ckpt`` at every save.
+        save_last: also keep ``last.ckpt``, the newest state (rewritten at every validation, every
+            ``every_n_train_steps``, every epoch end and when training ends or is stopped by a signal).
         every_n_epochs: save every this many epochs.
         every_n_train_steps: also save every this many optimizer steps (0 = off).
     """
@@ -56,11 +70,96 @@ class GlowCheckpoint(ModelCheckpoint):
             monitor=monitor,
             mode=mode,
             save_top_k=save_top_k,
-            save_last=save_last,
+            save_last=False,  # last.ckpt is written here (see the module docstring)
             every_n_epochs=every_n_epochs,
             every_n_train_steps=every_n_train_steps,
             auto_insert_metric_name=False,
         )
+        self.keep_last = save_last
+        self.signals = SignalFlags()
+        self._last_step_written: int | None = None
+
+    @property
+    def last_path(self) -> str | None:
+        """``<dirpath>/last.ckpt`` (None without a directory or with ``save_last`` off)."""
+        return (
+            join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+            if self.dirpath and self.keep_last
+            else None
+        )
+
+    def write_last(self, trainer) -> str | None:
+        """Write ``last.ckpt`` unless it already holds this global step; on every rank (rank 0 writes)."""
+        path = self.last_path
+        if (
+            path is None
+            or trainer.fast_dev_run
+            or trainer.state.fn != TrainerFn.FITTING
+            or trainer.sanity_checking
+            or self._last_step_written == trainer.global_step
+        ):
+            return None
+        self.last_model_path = path
+        trainer.save_checkpoint(path, self.save_weights_only)
+        self._last_step_written = trainer.global_step
+        return path
+
+    def _install_signals(self, trainer) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.signals.install(trainer)
+
+    @override
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._install_signals(trainer)  # before the validation workers are forked
+
+    @override
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._install_signals(trainer)
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.signals.sync(trainer)
+        n = self._every_n_train_steps
+        requested, self.signals.save_requested = self.signals.save_requested, False
+        if requested or (n >= 1 and trainer.global_step % n == 0):
+            path = self.write_last(trainer)
+            if requested and path and trainer.is_global_zero:
+                print(f"glow: save requested by signal: wrote {path} (global step {trainer.global_step})", flush=True)
+
+    @override
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self.write_last(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self.write_last(trainer)  # also the end of training (runs before GlowEMA's on_train_end)
+
+    @override
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        self.write_last(trainer)  # only if no epoch end saw this step
+
+    @override
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            return  # e.g. NonFiniteTrainingError: the checkpoints from before the failing steps stay as they are
+        signum = self.signals.signum
+        path = self.write_last(trainer) if trainer.global_step > 0 else None
+        # read by glow_lightning.cli.main: the exit code and the line saying where to resume from
+        exception.glow_signal = signum  # type: ignore[attr-defined]
+        exception.glow_checkpoint = path or (self.last_model_path or None)  # type: ignore[attr-defined]
+        exception.glow_step = trainer.global_step  # type: ignore[attr-defined]
+        exception.glow_report = trainer.is_global_zero  # type: ignore[attr-defined]  (one line, from rank 0)
+
+    @override
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self.signals.uninstall()
 
     @override
     def setup(self, trainer, pl_module, stage: str) -> None:

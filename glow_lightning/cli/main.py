@@ -18,6 +18,10 @@
   also finds checkpoints on s3://, gs:// or memory:// (Lightning's own lookup drops the protocol).
 - User errors (bad values, missing or unreadable files, unwritable directories, a training run
   stopped by the non-finite guard) end with a one-line ``glow: error: ...``, not a traceback.
+- A fit stopped by SIGTERM / SIGINT (GlowCheckpoint has written ``last.ckpt``) exits with 143 / 130 and
+  one line naming the checkpoint and ``--ckpt_path last``.
+- On a fit resume, training settings (:data:`TRAINING_KEYS`) may differ from the checkpoint: they apply
+  from the resumed step on (one ``glow: resuming with ...`` line); architecture values may not.
 
 Private library API used here, each for want of a public hook (check these on a Lightning or
 jsonargparse upgrade):
@@ -42,12 +46,14 @@ import glob
 import inspect
 import os
 import re
+import signal
 import sys
 
 from fsspec.core import url_to_fs
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from typing_extensions import override
 
 from .. import __version__
@@ -61,6 +67,7 @@ from ..callbacks import (
     ReconstructionImages,
     SampleImages,
 )
+from ..callbacks.preemption import exit_code
 from ..data import GlowDataModule
 from ..data.base import DatasetError
 from ..io import (
@@ -82,11 +89,13 @@ LINKED_FROM_DATA = {
     "num_classes": "num_classes",
 }
 EVALUATION_ONLY = ("iw_samples",)  # model arguments a --ckpt_path does not override
-# model arguments that change how a model trains, not what it is: they never conflict outside fit
+# model arguments that change how a model trains, not what it is: they never conflict outside fit, and in fit
+# (resume) all but ``optimizer`` apply from the resumed step on (GlowModule.on_train_start)
 TRAINING_KEYS = frozenset(
     {"optimizer", "lr", "weight_decay", "warmup_steps", "schedule", "y_weight", "max_consecutive_skips",
      "init_batch_size", "compile", "memory_saving", "iw_samples"}
 )  # fmt: skip
+RESUME_CHANGEABLE = TRAINING_KEYS - {"optimizer"}  # the restored optimizer state belongs to its optimizer
 IMAGE_SUBCOMMANDS = ("sample", "reconstruct", "interpolate", "prepare", "manipulate")  # GlowTrainer methods
 NEEDS_NO_DATA = ("sample",)
 
@@ -260,7 +269,7 @@ class GlowCLI(LightningCLI):
         explicit = self._explicit_model_keys(subcommand)
         evaluating = subcommand != "fit"  # the architecture comes from the checkpoint; configs yield to it
         on_command_line = self._explicit_model_keys(subcommand, command_line_only=True) if evaluating else explicit
-        conflicts, yielded, updates = [], [], {}
+        conflicts, yielded, changed, updates = [], [], [], {}
         for key, saved in hparams.items():
             if key not in defaults or key in LINKED_FROM_DATA.values() or key in EVALUATION_ONLY:
                 continue  # linked values are checked against the checkpoint when it is loaded
@@ -270,10 +279,15 @@ class GlowCLI(LightningCLI):
                     updates[key] = saved
                 continue
             if given != saved and (key in on_command_line or (not evaluating and given != defaults[key])):
+                if not evaluating and key in RESUME_CHANGEABLE:  # applies from the resumed step on
+                    changed.append(f"{key} {given!r} (checkpoint: {saved!r})")
+                    continue
                 conflicts.append(f"--model.{key}={given!r} (checkpoint: {saved!r})")
             elif given != saved and key in explicit:
                 yielded.append(f"{key}={saved!r} (config: {given!r})")
             updates[key] = saved
+        if changed and subcommand == "fit" and rank_zero_only.rank == 0:
+            print(f"glow: resuming with {', '.join(changed)}", flush=True)
         if conflicts:
             run_config = run_config_of(ckpt_path)
             self._parser(subcommand).error(
@@ -420,6 +434,25 @@ def main(args: list[str] | None = None) -> GlowCLI | None:
     ) as err:
         print(f"glow: error: {err}", file=sys.stderr)
         raise SystemExit(1) from err
+    except SIGTERMException as stop:  # SIGTERM / SIGINT (GlowCheckpoint wrote last.ckpt): exit as the shell would
+        raise SystemExit(exit_code(stopped(stop))) from stop
+
+
+def stopped(stop: SIGTERMException) -> int:
+    """Print the one line about a fit stopped by a signal; return the signal number."""
+    signum = getattr(stop, "glow_signal", None) or signal.SIGTERM
+    name = signal.Signals(signum).name
+    path = getattr(stop, "glow_checkpoint", None)
+    step = getattr(stop, "glow_step", None)
+    if path:
+        where = (
+            f"the newest checkpoint is {path} (global step {step}); resume with the same command plus --ckpt_path last"
+        )
+    else:
+        where = "no checkpoint was written (no training step had finished)"
+    if getattr(stop, "glow_report", True):
+        print(f"glow: stopped by {name}: {where}", file=sys.stderr, flush=True)
+    return int(signum)
 
 
 def entry() -> None:

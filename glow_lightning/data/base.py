@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 from collections.abc import Sequence
 from typing import Literal
 
@@ -30,6 +31,15 @@ from typing_extensions import override
 
 from ..flow.quantize import bins_to_unit, check_n_bits, pixels_to_bins
 from .noise import EVAL_STREAM, flip_mask, item_keys, uniform_from_keys
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM, SIGINT and SIGUSR1: ``kill -TERM -<group>`` / ``scancel`` reach them
+    too, and the main process (glow_lightning.callbacks.preemption) stops the fit and shuts them down.
+    (torch's own worker SIGTERM handler would end the worker and the fit with a RuntimeError.)"""
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class DatasetError(ValueError):
@@ -278,6 +288,7 @@ class GlowDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
             drop_last=train and len(dataset) > self.batch_size,
             collate_fn=collate,
         )

@@ -1,0 +1,138 @@
+"""last.ckpt always holds the newest state; signals stop a fit after the step with a checkpoint (issue 13).
+
+Items 1 and 2 of issue 13: Lightning 2.6's ModelCheckpoint rewrote ``last.ckpt`` only when a best-k
+file was saved, and SIGTERM ended a fit with exit code 0 and no checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from glow_lightning.cli import main
+from glow_lightning.io import load_checkpoint_file
+
+from .conftest import ROOT, fit_args
+from .reliability_helpers import LrRecorder, MarkerThenWait
+
+HELPERS = "tests.reliability_helpers"
+QUICK = ["--trainer.num_sanity_val_steps", "0", "--samples.every_n_epochs", "0", "--reconstructions.every_n_epochs", "0",
+         "--interpolations.every_n_epochs", "0", "--invertibility.every_n_epochs", "0"]  # fmt: skip
+
+
+def step_of(path: str) -> int:
+    return int(load_checkpoint_file(path)["global_step"])
+
+
+def checkpoints(run: str) -> dict[str, int]:
+    directory = os.path.join(run, "checkpoints")
+    return {name: step_of(os.path.join(directory, name)) for name in os.listdir(directory) if name.endswith(".ckpt")}
+
+
+def test_last_ckpt_follows_every_validation_on_a_plateau(cifar_dir, tmp_path):
+    # mode max on a falling val/bpd: the best file stays at an early epoch, last.ckpt must not
+    run = str(tmp_path)
+    cli = main(fit_args(cifar_dir, run, "--trainer.max_epochs", "3", "--checkpoint.mode", "max", *QUICK))
+    saved = checkpoints(run)
+    assert saved.pop("last.ckpt") == cli.trainer.global_step == 12
+    assert len(saved) == 1 and min(saved.values()) < 12  # the one best file, from before the end (plateau)
+
+
+@pytest.mark.parametrize("ema", [False, True], ids=["raw", "ema"])
+@pytest.mark.parametrize("stop", ["max_steps", "max_time"])
+def test_last_ckpt_holds_the_final_step_of_a_run_stopped_mid_epoch(cifar_dir, tmp_path, stop, ema):
+    run = str(tmp_path)
+    limit = ["--trainer.max_steps", "6"] if stop == "max_steps" else ["--trainer.max_time", "00:00:00:03"]
+    extra = ["--ema.decay", "0.9"] if ema else []
+    cli = main(fit_args(cifar_dir, run, "--trainer.max_epochs", "1000", *QUICK, *limit, *extra))
+    step = cli.trainer.global_step
+    if stop == "max_steps":
+        assert step == 6  # mid-epoch: 4 batches per epoch
+    last = load_checkpoint_file(os.path.join(run, "checkpoints", "last.ckpt"))
+    assert last["global_step"] == step > 0
+    module = cli.trainer.lightning_module
+    final = {k: v for k, v in module.state_dict().items()}
+    weights = [k for k in last["state_dict"] if last["state_dict"][k].is_floating_point()]
+    assert all(torch.equal(last["state_dict"][k], final[k]) for k in weights)  # after training: EMA copied in
+    if ema and step >= 2:  # the first EMA update copies the weights
+        raw = last["current_model_state"]
+        assert any(not torch.equal(raw[k], last["state_dict"][k]) for k in weights)  # raw ones kept apart
+    elif not ema:
+        assert "current_model_state" not in last
+
+
+def test_sigterm_to_the_process_group_saves_exits_143_and_resumes(cifar_dir, tmp_path):
+    run = str(tmp_path / "run")
+    args = fit_args(cifar_dir, run, *QUICK, "--data.init_args.num_workers", "1")
+    env = {**os.environ, "PYTHONPATH": ROOT, "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "glow_lightning.cli", *args, "--trainer.callbacks+", f"{HELPERS}.MarkerThenWait"],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:  # fault injection: the marker says step 3 is done and the run waits
+            if MarkerThenWait.MARKER in line:
+                os.killpg(proc.pid, signal.SIGTERM)  # the DataLoader worker gets it too
+                break
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-3000:]
+    last = os.path.join(run, "checkpoints", "last.ckpt")
+    lines = [x for x in err.splitlines() if x.startswith("glow: stopped by SIGTERM")]
+    assert len(lines) == 1 and last in lines[0] and "--ckpt_path last" in lines[0], err[-3000:]
+    assert "RuntimeError" not in err and "Traceback" not in err, err[-3000:]
+    assert step_of(last) == 3
+
+    resumed = main(args + ["--ckpt_path", "last", "--trainer.callbacks+", f"{HELPERS}.LrRecorder"])
+    recorder = next(c for c in resumed.trainer.callbacks if isinstance(c, LrRecorder))
+    assert recorder.start_step == 3 and resumed.trainer.global_step == 8
+    assert step_of(last) == 8
+
+
+def test_a_full_disk_during_training_is_one_error_line_naming_the_intact_checkpoint(cifar_dir, tmp_path, capsys):
+    run = str(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(cifar_dir, run, *QUICK, "--trainer.callbacks+", f"{HELPERS}.FailingWrites"))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [x for x in err if x.startswith("glow: error:")]
+    directory = os.path.join(run, "checkpoints")
+    assert len(errors) == 1 and directory in errors[0] and "No space left on device" in errors[0], err
+    failed = re.search(r"cannot write checkpoint (\S+) in ", errors[0]).group(1)
+    intact = re.search(r"the previous checkpoint (\S+) is intact", errors[0])
+    intact = intact.group(1) if intact else failed  # "its previous version is intact"
+    assert intact == failed or "its previous version" not in errors[0]
+    assert step_of(intact) == 4  # epoch 0's save, readable
+
+
+def test_resume_with_a_new_lr_and_warmup_applies_them_from_the_resumed_step(cifar_dir, tmp_path, capsys):
+    run = str(tmp_path)
+    args = fit_args(cifar_dir, run, *QUICK)
+    main(args + ["--trainer.max_epochs", "1"])  # 4 steps at lr 1e-3 (debug: warmup 2, constant)
+    capsys.readouterr()
+    resumed = main(args + ["--ckpt_path", "last", "--model.lr", "1e-4", "--model.warmup_steps", "8",
+                           "--trainer.callbacks+", f"{HELPERS}.LrRecorder"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "glow: resuming with lr 0.0001 (checkpoint: 0.001), warmup_steps 8 (checkpoint: 2)" in out
+    trainer = resumed.trainer
+    recorder = next(c for c in trainer.callbacks if isinstance(c, LrRecorder))
+    assert recorder.start_step == 4 and trainer.global_step == 8
+    assert trainer.lr_scheduler_configs[0].scheduler.base_lrs == [1e-4]
+    assert trainer.optimizers[0].param_groups[0]["initial_lr"] == 1e-4
+    expected = [(s, 1e-4 * (s + 1) / 8) for s in range(4, 8)]  # the new warmup, from the resumed step on
+    assert [s for s, _ in recorder.lrs] == [s for s, _ in expected]
+    assert [lr for _, lr in recorder.lrs] == pytest.approx([lr for _, lr in expected], rel=1e-9)
+    assert load_checkpoint_file(os.path.join(run, "checkpoints", "last.ckpt"))["hyper_parameters"]["lr"] == 1e-4
+
+    with pytest.raises(SystemExit) as exit_info:  # the architecture still has to match
+        main(args + ["--ckpt_path", "last", "--model.hidden_channels", "8"])
+    assert exit_info.value.code == 2
+    assert "--model.hidden_channels=8 (checkpoint: 16)" in capsys.readouterr().err
