@@ -123,3 +123,39 @@ def write_image_folder(root: str, classes: tuple[str, ...] = ("cats", "dogs"), p
         with open(os.path.join(folder, "notes.txt"), "w") as f:
             f.write("not an image\n")
     return root
+
+
+def write_png16(path: str, pixels: np.ndarray) -> None:
+    """A 16-bit PNG (grey (H, W) or RGB (H, W, 3) uint16) written by hand: Pillow cannot write 16-bit RGB.
+
+    PNG specification (W3C, 2003): signature, IHDR (bit depth 16, colour type 0 or 2), one zlib IDAT of
+    filter-0 scanlines in big-endian samples, IEND.
+    """
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    h, w = pixels.shape[:2]
+    colour_type = 2 if pixels.ndim == 3 else 0
+    rows = np.ascontiguousarray(pixels, dtype=">u2").reshape(h, -1)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)))
+        f.write(chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def write_jpegs(folder: str, count: int, size: int = 64, seed: int = 5) -> list[str]:
+    """``count`` random ``size`` x ``size`` RGB JPEGs (smooth enough to compress like photos)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(count):
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((size, size), Image.Resampling.BILINEAR)
+        paths.append(os.path.join(folder, f"{i:05d}.jpg"))
+        img.save(paths[-1], quality=90)
+    return paths

@@ -111,12 +111,15 @@ def test_compiled_graphs_do_not_grow_with_steps_per_level():
 
 def test_compile_raises_dynamo_recompile_limit_for_deep_flows():
     """L+1 graphs per batch size: a deep flow would pass dynamo's default limit of 8 and run eager."""
-    before = torch._dynamo.config.recompile_limit
+    from glow_lightning.flow.glow import dynamo_limit_name
+
+    name = dynamo_limit_name()  # recompile_limit; cache_size_limit before torch 2.7
+    before = getattr(torch._dynamo.config, name)
     try:
         Glow(in_channels=3, image_size=64, levels=5, steps_per_level=1, hidden_channels=4, compile=True)
-        assert torch._dynamo.config.recompile_limit >= 4 * 6
+        assert getattr(torch._dynamo.config, name) >= 4 * 6
     finally:
-        torch._dynamo.config.recompile_limit = before
+        setattr(torch._dynamo.config, name, before)
 
 
 # aten ops that make the host wait for the device on CUDA (a Python bool/float of a tensor, data-dependent shapes)

@@ -46,6 +46,10 @@ class DatasetError(ValueError):
     """A dataset that does not fit its datamodule (wrong image shape, too small, unreadable)."""
 
 
+class DataNotFoundError(DatasetError, FileNotFoundError):
+    """The dataset's files are not where the datamodule looks (the message says where and how to get them)."""
+
+
 class DownloadError(DatasetError):
     """A dataset could not be downloaded (no network, a server or quota refusal, a bad archive)."""
 

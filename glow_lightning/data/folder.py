@@ -15,24 +15,64 @@ channels, resized so that its shorter side is ``image_size`` and centre-cropped 
 
 from __future__ import annotations
 
+import functools
+import io
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .base import DatasetError, GlowDataModule
+from .base import DataNotFoundError, DatasetError, GlowDataModule
+from .imagecheck import find_unreadable
+
+SRGB = ImageCms.createProfile("sRGB")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SPLIT_FOLDERS = ("train", "val", "test")
+HIDDEN_FOLDERS = ("__MACOSX",)  # macOS zip archives' resource forks
 NO_LABEL = -1
 MAX_LISTED = 20
+WHITE = 255  # transparent pixels are composited onto white
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 class UnreadableImageError(DatasetError, RuntimeError):
     """An image file Pillow cannot read (the ``glow`` command reports it in one line, without a traceback)."""
+
+
+def to_8bit(img: Image.Image, channels: int) -> Image.Image:
+    """Any Pillow mode -> ``L`` (channels 1) or ``RGB`` (3); see the README's table of modes.
+
+    16-bit pixels p become ``p >> 8`` (Pillow's own conversion clips them at 255); transparency is
+    composited onto white; CMYK with an embedded ICC profile is converted to sRGB through it; float
+    images (``F``) are refused: their range is unknown.
+    """
+    mode = img.mode
+    if mode == "F":
+        raise ValueError("float pixels (mode F) have no fixed range: save the image as 8- or 16-bit")
+    if mode in SIXTEEN_BIT_MODES or mode == "I":  # "I": how Pillow < 10 opens 16-bit PNGs
+        p = np.asarray(img).astype(np.int64)
+        if mode == "I" and p.size and (p.min() < 0 or p.max() > 0xFFFF):
+            raise ValueError("32-bit integer pixels (mode I) beyond 0..65535: save the image as 8- or 16-bit")
+        img = Image.fromarray((p >> 8).astype(np.uint8), "L")
+    elif mode == "CMYK" and img.info.get("icc_profile"):
+        img = ImageCms.profileToProfile(
+            img, ImageCms.ImageCmsProfile(io.BytesIO(img.info["icc_profile"])), SRGB, outputMode="RGB"
+        )
+    elif mode == "P" or mode == "PA":
+        img = img.convert("RGBA" if mode == "PA" or "transparency" in img.info else "RGB")
+    elif mode in ("L", "RGB") and "transparency" in img.info:  # a tRNS colour key
+        img = img.convert("LA" if mode == "L" else "RGBA")
+    if img.mode in ("RGBA", "LA"):
+        opaque = img.mode[:-1]  # "RGB" or "L"
+        background = Image.new(opaque, img.size, (WHITE,) * len(opaque))
+        background.paste(img.convert(opaque), mask=img.getchannel("A"))
+        img = background
+    return img.convert("L" if channels == 1 else "RGB")
 
 
 def load_image(path: str, channels: int, size: int, crop: int | None = None) -> torch.Tensor:
@@ -40,32 +80,41 @@ def load_image(path: str, channels: int, size: int, crop: int | None = None) -> 
     largest), resized with an antialiasing filter. Unreadable files raise an error naming ``path``."""
     try:
         with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img).convert("L" if channels == 1 else "RGB")
+            img = to_8bit(ImageOps.exif_transpose(img), channels)
             if crop is not None:
                 left, top = (img.width - crop) // 2, (img.height - crop) // 2
                 img = img.crop((left, top, left + crop, top + crop))
             img = ImageOps.fit(img, (size, size), method=Image.Resampling.LANCZOS)
             pixels = np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError, ImageCms.PyCMSError) as err:
         raise UnreadableImageError(f"cannot read image file {path}: {err}") from err
     pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
 
 
-def check_images(paths: list[str]) -> None:
-    """Open every file's header; raise one error listing all the files Pillow cannot read."""
-    bad = []
-    for path in paths:
-        try:
-            with Image.open(path) as img:
-                img.size  # noqa: B018 (the header is parsed on open)
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
-            bad.append(f"{path} ({err})")
+def check_image(path: str, channels: int = 3) -> str | None:
+    """Decode ``path`` fully and convert its mode as :func:`load_image` would: ``None`` if it loads, else why not."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # the whole file: a truncated JPEG fails here, not mid-epoch
+            to_8bit(img, channels)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError, ImageCms.PyCMSError) as err:
+        return str(err) or type(err).__name__
+    return None
+
+
+def unreadable_message(bad: list[tuple[str, str]], total: int, verb: str = "cannot be read") -> str:
+    """``"N of M image files cannot be read:"`` and the first ``MAX_LISTED`` of them, one per line."""
+    listed = "\n  ".join(f"{path} ({why})" for path, why in bad[:MAX_LISTED])
+    more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+    return f"{len(bad)} of {total} image files {verb}:\n  {listed}{more}"
+
+
+def check_images(paths: list[str], channels: int = 3) -> None:
+    """Decode every file (in parallel, cached); raise one error listing all the files that cannot be read."""
+    bad = find_unreadable(paths, functools.partial(check_image, channels=channels))
     if bad:
-        listed = "\n  ".join(bad[:MAX_LISTED]) + (
-            f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-        )
-        raise UnreadableImageError(f"{len(bad)} of {len(paths)} image files cannot be read:\n  {listed}")
+        raise UnreadableImageError(unreadable_message(bad, len(paths)))
 
 
 class ImageFiles(Dataset):
@@ -82,24 +131,55 @@ class ImageFiles(Dataset):
         return load_image(self.paths[i], self.channels, self.size, self.crop), self.labels[i]
 
 
+def is_hidden(name: str) -> bool:
+    """Dot-names (``.DS_Store``, ``._photo.jpg``, ``.git``) and ``__MACOSX``: never images or classes."""
+    return name.startswith(".") or name in HIDDEN_FOLDERS
+
+
 def is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(name)
+
+
+def list_dir(folder: str) -> list[os.DirEntry]:
+    """The visible entries of ``folder``, sorted by name; a folder that cannot be listed is a DatasetError."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted((e for e in it if not is_hidden(e.name)), key=lambda e: e.name)
+    except OSError as err:
+        raise DatasetError(f"cannot list image folder {folder}: {err.strerror or err}") from err
 
 
 def find_images(folder: str) -> list[str]:
-    """All image files under ``folder``, recursively, sorted (hidden files and folders skipped)."""
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(os.path.join(root, f) for f in files if is_image(f))
+    """All image files under ``folder``, recursively, sorted (hidden files and folders skipped).
+
+    Symbolic links are followed, but each real folder is visited once and each real file listed once
+    (under the first path that reaches it): a link loop or a link to an ancestor adds nothing.
+    """
+    found, seen_dirs, seen_files = [], set(), set()
+
+    def visit(path: str) -> None:
+        real = os.path.realpath(path)
+        if real in seen_dirs:
+            return
+        seen_dirs.add(real)
+        for entry in list_dir(path):
+            if entry.is_dir():  # follows links
+                visit(entry.path)
+            elif is_image(entry.name):  # a file, or a dangling link (the pre-check reports it)
+                real_file = os.path.realpath(entry.path)
+                if real_file not in seen_files:
+                    seen_files.add(real_file)
+                    found.append(entry.path)
+
+    visit(folder)
     return sorted(found)
 
 
 def class_folders(folder: str) -> list[str] | None:
     """The class names of ``folder`` (its subfolders) if it holds only subfolders, else ``None``."""
-    entries = [e for e in os.listdir(folder) if not e.startswith(".")]
-    subdirs = sorted(e for e in entries if os.path.isdir(os.path.join(folder, e)))
-    loose = [e for e in entries if is_image(e)]
+    entries = list_dir(folder)
+    subdirs = [e.name for e in entries if e.is_dir()]
+    loose = [e for e in entries if is_image(e.name) and not e.is_dir()]
     return subdirs if subdirs and not loose else None
 
 
@@ -114,8 +194,11 @@ class ImageFolderDataModule(GlowDataModule):
             validation, a count or (float below 1) a fraction, seeded.
         test_fraction: one-folder layout only: the fraction of the images (at least one) held out as
             the test set, seeded.
-        check_files: open every file's header at setup and report all unreadable files at once
-            (otherwise a bad file stops training when it is first loaded).
+        check_files: decode every file at setup (in parallel, with the results cached by path, size
+            and modification time) and report all unreadable files at once; otherwise a bad file stops
+            training when it is first loaded.
+        skip_unreadable: train and evaluate on the readable files: the unreadable ones are listed (with
+            their count) in a warning and left out, instead of stopping at setup. Needs ``check_files``.
         **kwargs: the shared options of :class:`GlowDataModule` (data_dir, n_bits, batch_size, ...);
             ``download`` is ignored (there is nothing to download).
     """
@@ -130,6 +213,7 @@ class ImageFolderDataModule(GlowDataModule):
         val_size: int | float = 0.05,
         test_fraction: float = 0.1,
         check_files: bool = True,
+        skip_unreadable: bool = False,
         **kwargs,
     ):
         super().__init__(val_size=val_size, **kwargs)
@@ -140,14 +224,16 @@ class ImageFolderDataModule(GlowDataModule):
         if not 0 < test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
         self.image_size, self.num_channels = image_size, channels
-        self.test_fraction, self.check_files = test_fraction, check_files
+        if skip_unreadable and not check_files:
+            raise ValueError("skip_unreadable=True needs check_files=True (the check finds the files to skip)")
+        self.test_fraction, self.check_files, self.skip_unreadable = test_fraction, check_files, skip_unreadable
         self._classes: list[str] | None = None
         self._files: dict[str, list[tuple[str, int]] | None] = {}
 
     # ---- layout
     def _check_dir(self) -> None:
         if not os.path.isdir(self.data_dir):
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"image folder not found: {self.data_dir} does not exist. Point --data.data_dir at a folder of "
                 "images, or at one with train/ (val/, test/) subfolders."
             )
@@ -161,8 +247,7 @@ class ImageFolderDataModule(GlowDataModule):
         """The class names (sorted subfolder names of the training folder); empty without labels."""
         if self._classes is None:
             self._check_dir()
-            root = os.path.join(self.data_dir, "train") if self.split_layout else self.data_dir
-            self._classes = class_folders(root) or []
+            self._classes = class_folders(self.train_folder) or []
         return self._classes
 
     @property
@@ -172,23 +257,51 @@ class ImageFolderDataModule(GlowDataModule):
     def no_labels_hint(self) -> str:
         return f": put the images of each class in its own subfolder of {self.data_dir} (or of its train/)"
 
+    @property
+    def train_folder(self) -> str:
+        return os.path.join(self.data_dir, "train") if self.split_layout else self.data_dir
+
+    def _labelled(self, folder: str) -> list[tuple[str, int]]:
+        """(path, label) of every image in ``folder``: labels by the training folder's classes.
+
+        Unconditional models take any subfolders (a held-out set from other sources): images under a
+        class the training folder lacks, or loose ones, get no label (-1). A class-conditional model
+        needs every subfolder to be a training class.
+        """
+        names = class_folders(folder) if self.classes and folder != self.train_folder else self.classes
+        if not self.classes or (names is None and not self.class_conditional):
+            return [(p, NO_LABEL) for p in find_images(folder)]
+        if names is None:
+            raise DatasetError(
+                f"{folder} must hold one subfolder per class, like {self.train_folder}: {self.classes} "
+                "(class_conditional=True)"
+            )
+        unknown = sorted(set(names) - set(self.classes))
+        if unknown and self.class_conditional:
+            raise DatasetError(
+                f"{folder} has classes that {self.train_folder} lacks: {unknown} (class_conditional=True needs "
+                f"them among the training classes: {self.classes})"
+            )
+        index = {name: i for i, name in enumerate(self.classes)}
+        return [(p, index.get(n, NO_LABEL)) for n in names for p in find_images(os.path.join(folder, n))]
+
     def _list(self, folder: str) -> list[tuple[str, int]]:
-        """(path, label) of every image in ``folder``, by the training folder's classes."""
-        if not self.classes:
-            files = [(p, NO_LABEL) for p in find_images(folder)]
-        else:
-            names = class_folders(folder)
-            if names is None:
-                raise ValueError(f"{folder} must hold one subfolder per class like the training folder: {self.classes}")
-            unknown = sorted(set(names) - set(self.classes))
-            if unknown:
-                raise ValueError(f"{folder} has classes the training folder lacks: {unknown}")
-            index = {name: i for i, name in enumerate(self.classes)}
-            files = [(p, index[n]) for n in names for p in find_images(os.path.join(folder, n))]
+        """(path, label) of every image in ``folder``, checked (``check_files``)."""
+        files = self._labelled(folder)
         if not files:
-            raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}")
+            raise DataNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}")
         if self.check_files:
-            check_images([p for p, _ in files])
+            bad = find_unreadable([p for p, _ in files], functools.partial(check_image, channels=self.num_channels))
+            if bad and not self.skip_unreadable:
+                raise UnreadableImageError(
+                    unreadable_message(bad, len(files)) + "\n(--data.skip_unreadable true trains on the rest)"
+                )
+            if bad:
+                warnings.warn(unreadable_message(bad, len(files), verb="cannot be read and are skipped"), stacklevel=2)
+                skipped = {p for p, _ in bad}
+                files = [(p, label) for p, label in files if p not in skipped]
+                if not files:
+                    raise UnreadableImageError(f"no readable image files in {folder}")
         return files
 
     def _split_files(self, split: str) -> list[tuple[str, int]] | None:
@@ -202,11 +315,11 @@ class ImageFolderDataModule(GlowDataModule):
                 elif split == "val":
                     self._files[split] = None
                 else:
-                    raise FileNotFoundError(f"no {split}/ folder in {self.data_dir} (it has a train/ folder)")
+                    raise DataNotFoundError(f"no {split}/ folder in {self.data_dir} (it has a train/ folder)")
             else:
                 files = self._list(self.data_dir)
                 if len(files) < 3:
-                    raise ValueError(f"{self.data_dir} has {len(files)} images: too few to split into train/val/test")
+                    raise DatasetError(f"{self.data_dir} has {len(files)} images: too few to split into train/val/test")
                 perm = torch.randperm(len(files), generator=torch.Generator().manual_seed(self.seed)).tolist()
                 n_test = max(1, math.ceil(self.test_fraction * len(files)))
                 self._files["test"] = [files[i] for i in sorted(perm[:n_test])]

@@ -64,7 +64,13 @@ def _allow_graphs(count: int) -> None:
     """Let dynamo keep ``count`` graphs of the shared flow step: one per level shape plus the first step (whose
     input needs no gradient), times batch sizes and options (memory_saving). Past its limit (8 by default)
     dynamo would silently run new shapes eager."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, count)
+    name = dynamo_limit_name()
+    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), count))
+
+
+def dynamo_limit_name() -> str:
+    """Dynamo's per-code-object graph limit: ``recompile_limit``, called ``cache_size_limit`` before torch 2.7."""
+    return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
 class Glow(nn.Module):
