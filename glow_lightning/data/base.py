@@ -15,6 +15,7 @@ noise-free integer bins, for code that draws its own noise), ``label`` and ``ind
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import signal
@@ -50,16 +51,44 @@ class DataNotFoundError(DatasetError, FileNotFoundError):
     """The dataset's files are not where the datamodule looks (the message says where and how to get them)."""
 
 
+class UnreadableFileError(DatasetError, RuntimeError):
+    """A dataset file that is there but cannot be read (truncated, corrupt, another format)."""
+
+
 class DownloadError(DatasetError):
     """A dataset could not be downloaded (no network, a server or quota refusal, a bad archive)."""
 
 
-def download(name: str, data_dir: str, fetch, manual: str) -> None:
+def md5_failures(checksums: list[tuple[str, str]]) -> list[str]:
+    """The files of ``checksums`` ((path, md5) pairs) that are on disk with other bytes than that MD5."""
+    failed = []
+    for path, md5 in checksums:
+        if os.path.isfile(path):
+            digest = hashlib.md5(usedforsecurity=False)
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            if digest.hexdigest() != md5:
+                failed.append(path)
+    return failed
+
+
+def download(name: str, data_dir: str, fetch, manual: str, checksums: list[tuple[str, str]] = ()) -> None:
     """Run ``fetch()`` (torchvision's checksummed download); turn any failure into a DownloadError that
-    says where the data goes and how to get it by hand."""
+    says where the data goes and how to get it by hand, and which files on disk failed their MD5 check
+    (``checksums``: torchvision's (path, md5) pairs). Call it only when the files are not already there:
+    checksums are for downloads; files on disk that read well are used as they are."""
     try:
         fetch()
     except Exception as err:
+        failed = md5_failures(list(checksums))
+        if failed:
+            raise DownloadError(
+                f"could not download {name} into data_dir={data_dir!r} ({type(err).__name__}: {err}): "
+                f"{', '.join(failed)} failed torchvision's MD5 checksum. If these are good copies (a recompressed "
+                "archive has other bytes, same images), pass --data.download false to read the files as they are; "
+                f"else delete them and retry, or get the data by hand: {manual}"
+            ) from err
         raise DownloadError(
             f"could not download {name} into data_dir={data_dir!r} ({type(err).__name__}: {err}). Check the "
             f"network, or get it by hand: {manual}; then pass --data.download false"

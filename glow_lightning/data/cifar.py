@@ -1,7 +1,9 @@
 """CIFAR-10 (Krizhevsky, 2009): 50,000 training and 10,000 test images, 32x32 RGB, 10 classes.
 
 Downloaded and checksummed by torchvision; read here straight from the standard
-``cifar-10-batches-py`` pickle layout (no checksum), so small fixtures in the real format work.
+``cifar-10-batches-py`` pickle layout (no checksum), so small fixtures in the real format work. With
+``download`` on, batch files already there that read well are used as they are (checksums are for
+downloads).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from torch.utils.data import TensorDataset
 from typing_extensions import override
 
-from .base import DatasetError, GlowDataModule, download
+from .base import DataNotFoundError, DatasetError, GlowDataModule, UnreadableFileError, download
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -31,8 +33,13 @@ def read_cifar_batches(folder: str, names: list[str]) -> tuple[torch.Tensor, tor
                 entry = pickle.load(f, encoding="latin1")
             images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
-        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as err:
-            raise DatasetError(f"cannot read CIFAR-10 batch file {path}: {err}") from err
+        except FileNotFoundError as err:
+            raise DataNotFoundError(
+                f"CIFAR-10 batch file {path} does not exist: download {CIFAR10_URL} and extract it into data_dir, "
+                "or pass --data.download true"
+            ) from err
+        except Exception as err:  # a pickle can fail in many ways: UnpicklingError, EOFError, KeyError, TypeError...
+            raise UnreadableFileError(f"cannot read CIFAR-10 batch file {path}: {type(err).__name__}: {err}") from err
     return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
 
 
@@ -47,20 +54,33 @@ class CIFAR10DataModule(GlowDataModule):
     def folder(self) -> str:
         return os.path.join(self.data_dir, "cifar-10-batches-py")
 
+    def on_disk(self) -> bool:
+        """Every batch file is in ``folder`` and reads well."""
+        try:
+            for train in (True, False):
+                self.load_split(train)
+        except DatasetError:
+            return False
+        return True
+
     @override
     def prepare_data(self) -> None:
-        if self.download:
+        if self.download and not self.on_disk():
             from torchvision.datasets import CIFAR10
 
             def fetch():
                 for train in (True, False):
                     CIFAR10(self.data_dir, train=train, download=True)
 
-            download("CIFAR-10", self.data_dir, fetch, f"download {CIFAR10_URL} and extract it into data_dir")
+            checksums = [(os.path.join(self.data_dir, CIFAR10.filename), CIFAR10.tgz_md5)] + [
+                (os.path.join(self.folder, name), md5) for name, md5 in CIFAR10.train_list + CIFAR10.test_list
+            ]
+            manual = f"download {CIFAR10_URL} and extract it into data_dir"
+            download("CIFAR-10", self.data_dir, fetch, manual, checksums)
 
     def load_split(self, train: bool) -> TensorDataset:
         if not os.path.isdir(self.folder):
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"CIFAR-10 not found: {self.folder} does not exist. Pass --data.download true to download it "
                 f"into data_dir={self.data_dir!r}, or download {CIFAR10_URL} and extract it there."
             )

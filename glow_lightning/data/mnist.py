@@ -2,7 +2,9 @@
 images, 28x28 grayscale, 10 classes.
 
 Downloaded and checksummed by torchvision into ``data_dir/MNIST/raw`` (``data_dir/FashionMNIST/raw``);
-read here straight from the idx files (raw or ``.gz``, no checksum). The images are zero-padded to
+read here straight from the idx files (raw or ``.gz``, no checksum). With ``download`` on, files already
+there that read well are used as they are: a recompressed ``.gz`` (other bytes than torchvision's MD5,
+the same images) is not downloaded again. The images are zero-padded to
 ``image_size`` (32 by default) so that the multi-scale flow's squeezes divide evenly.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 
 import numpy as np
 import torch
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 from typing_extensions import override
 
-from .base import GlowDataModule, download
+from .base import DataNotFoundError, DatasetError, GlowDataModule, UnreadableFileError, download
 
 IDX_UBYTE = 0x08
 
@@ -40,8 +43,8 @@ def read_idx(path: str) -> np.ndarray:
         data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
         if data.size != int(np.prod(shape)):
             raise ValueError(f"header says shape {shape} but the file holds {data.size} values")
-    except (OSError, EOFError, ValueError) as err:
-        raise RuntimeError(f"cannot read idx file {candidate}: {err}") from err
+    except (OSError, EOFError, ValueError, zlib.error) as err:
+        raise UnreadableFileError(f"cannot read idx file {candidate}: {err}") from err
     return data.reshape(shape)
 
 
@@ -69,17 +72,29 @@ class MNISTDataModule(GlowDataModule):
     def folder(self) -> str:
         return os.path.join(self.data_dir, self.folder_name, "raw")
 
+    def on_disk(self) -> bool:
+        """All four idx files are in ``folder`` (raw or .gz) and read well."""
+        try:
+            for train in (True, False):
+                self.load_split(train)
+        except DatasetError:
+            return False
+        return True
+
     @override
     def prepare_data(self) -> None:
-        if self.download:
+        if self.download and not self.on_disk():
             from torchvision import datasets
+
+            dataset = getattr(datasets, self.folder_name)
 
             def fetch():
                 for train in (True, False):
-                    getattr(datasets, self.folder_name)(self.data_dir, train=train, download=True)
+                    dataset(self.data_dir, train=train, download=True)
 
             manual = f"put the four idx files (raw or .gz) into {self.folder}"
-            download(self.folder_name, self.data_dir, fetch, manual)
+            checksums = [(os.path.join(self.folder, name), md5) for name, md5 in dataset.resources]
+            download(self.folder_name, self.data_dir, fetch, manual, checksums)
 
     def load_split(self, train: bool) -> TensorDataset:
         prefix = "train" if train else "t10k"
@@ -87,12 +102,12 @@ class MNISTDataModule(GlowDataModule):
         try:
             images, labels = read_idx(images_path), read_idx(os.path.join(self.folder, f"{prefix}-labels-idx1-ubyte"))
         except FileNotFoundError as err:
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"{self.folder_name} not found: {err} (or .gz) does not exist. Pass --data.download true to "
                 f"download it into data_dir={self.data_dir!r}, or put the idx files from {self.url} in {self.folder}."
             ) from None
         if images.ndim != 3 or len(images) != len(labels):
-            raise RuntimeError(f"{images_path}: {images.shape} images do not match {labels.shape} labels")
+            raise UnreadableFileError(f"{images_path}: {images.shape} images do not match {labels.shape} labels")
         pixels = torch.from_numpy(images.copy())[:, None]  # (N, 28, 28) -> (N, 1, 28, 28)
         pad = self.image_size - pixels.shape[-1]
         pixels = F.pad(pixels, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))  # -> (N, 1, S, S), zeros

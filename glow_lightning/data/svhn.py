@@ -3,7 +3,8 @@ images, 32x32 RGB, 10 classes.
 
 Downloaded and checksummed by torchvision into ``data_dir/{train,test,extra}_32x32.mat``; read here
 straight from those MATLAB files with ``scipy.io.loadmat`` (no checksum; ``pip install
-glow-lightning[svhn]``). As in torchvision, the digit 0 (stored as label 10) gets label 0.
+glow-lightning[svhn]``). With ``download`` on, files already there that read well are used as they
+are (checksums are for downloads). As in torchvision, the digit 0 (stored as label 10) gets label 0.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch.utils.data import TensorDataset
 from typing_extensions import override
 
-from .base import GlowDataModule, download
+from .base import DataNotFoundError, GlowDataModule, UnreadableFileError, download
 
 SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
 
@@ -30,10 +31,10 @@ def read_svhn_mat(path: str) -> tuple[torch.Tensor, torch.Tensor]:
         mat = loadmat(path)
         images = np.asarray(mat["X"], dtype=np.uint8).transpose(3, 2, 0, 1)  # (32, 32, 3, N) -> (N, 3, 32, 32)
         labels = np.asarray(mat["y"], dtype=np.int64).reshape(-1) % 10  # 10 means the digit 0
-    except (OSError, ValueError, KeyError) as err:
-        raise RuntimeError(f"cannot read SVHN file {path}: {err}") from err
+    except Exception as err:  # loadmat: MatReadError, ValueError, TypeError...; a missing X or y: KeyError
+        raise UnreadableFileError(f"cannot read SVHN file {path}: {type(err).__name__}: {err}") from err
     if len(images) != len(labels):
-        raise RuntimeError(f"{path}: {len(images)} images but {len(labels)} labels")
+        raise UnreadableFileError(f"{path}: {len(images)} images but {len(labels)} labels")
     return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels)
 
 
@@ -57,23 +58,36 @@ class SVHNDataModule(GlowDataModule):
     def _splits(self, train: bool) -> list[str]:
         return (["train"] + (["extra"] if self.extra else [])) if train else ["test"]
 
+    def on_disk(self) -> bool:
+        """Every needed ``*_32x32.mat`` file is in ``data_dir`` and its header reads well (the data is read at setup)."""
+        try:
+            from scipy.io import whosmat
+
+            for split in self._splits(True) + self._splits(False):
+                whosmat(os.path.join(self.data_dir, f"{split}_32x32.mat"))
+        except Exception:
+            return False
+        return True
+
     @override
     def prepare_data(self) -> None:
-        if self.download:
+        if self.download and not self.on_disk():
             from torchvision.datasets import SVHN
 
             def fetch():
                 for split in self._splits(True) + self._splits(False):
                     SVHN(self.data_dir, split=split, download=True)
 
-            download("SVHN", self.data_dir, fetch, f"download the *_32x32.mat files from {SVHN_URL} into data_dir")
+            checksums = [(os.path.join(self.data_dir, name), md5) for _, name, md5 in SVHN.split_list.values()]
+            manual = f"download the *_32x32.mat files from {SVHN_URL} into data_dir"
+            download("SVHN", self.data_dir, fetch, manual, checksums)
 
     def load_split(self, train: bool) -> TensorDataset:
         parts = []
         for split in self._splits(train):
             path = os.path.join(self.data_dir, f"{split}_32x32.mat")
             if not os.path.isfile(path):
-                raise FileNotFoundError(
+                raise DataNotFoundError(
                     f"SVHN not found: {path} does not exist. Pass --data.download true to download it into "
                     f"data_dir={self.data_dir!r}, or download {SVHN_URL}{split}_32x32.mat there."
                 )
