@@ -177,7 +177,9 @@ def truncated_jpeg(folder) -> str:
 def test_truncated_jpegs_are_found_before_training(tmp_path):
     write_jpegs(str(tmp_path / "photos"), 6)
     bad = truncated_jpeg(tmp_path / "photos")
-    with pytest.raises(DatasetError, match=r"1 of 7 image files cannot be read:\n  .*cut\.jpg \(image file is truncated"):
+    with pytest.raises(
+        DatasetError, match=r"1 of 7 image files cannot be read:\n  .*cut\.jpg \(image file is truncated"
+    ):
         ImageFolderDataModule(data_dir=str(tmp_path / "photos"), **FAST).setup("fit")
     dm = ImageFolderDataModule(data_dir=str(tmp_path / "photos"), skip_unreadable=True, val_size=1, **FAST)
     with pytest.warns(UserWarning, match=r"1 of 7 image files cannot be read and are skipped:\n  .*cut\.jpg"):
