@@ -73,15 +73,18 @@ def md5_failures(checksums: list[tuple[str, str]]) -> list[str]:
     return failed
 
 
-def download(name: str, data_dir: str, fetch, manual: str, checksums: list[tuple[str, str]] = ()) -> None:
+def download(name: str, data_dir: str, fetch, manual: str, checksums=None) -> None:
     """Run ``fetch()`` (torchvision's checksummed download); turn any failure into a DownloadError that
     says where the data goes and how to get it by hand, and which files on disk failed their MD5 check
-    (``checksums``: torchvision's (path, md5) pairs). Call it only when the files are not already there:
+    (``checksums()``: torchvision's (path, md5) pairs, read only after a failure). Call it only when the files are not already there:
     checksums are for downloads; files on disk that read well are used as they are."""
     try:
         fetch()
     except Exception as err:
-        failed = md5_failures(list(checksums))
+        try:
+            failed = md5_failures(checksums()) if checksums else []
+        except Exception:  # torchvision without these attributes: report the failure without them
+            failed = []
         if failed:
             raise DownloadError(
                 f"could not download {name} into data_dir={data_dir!r} ({type(err).__name__}: {err}): "

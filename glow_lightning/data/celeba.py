@@ -119,7 +119,9 @@ class CelebADataModule(GlowDataModule):
             def fetch():  # needs gdown; Google Drive often refuses it (quota)
                 CelebA(self.data_dir, split="all", target_type="attr", download=True)
 
-            checksums = [(os.path.join(self.folder, name), md5) for _, md5, name in CelebA.file_list]
+            def checksums():
+                return [(os.path.join(self.folder, name), md5) for _, md5, name in CelebA.file_list]
+
             manual = f"from {CELEBA_URL} into {self.folder}, as the README shows"
             download("CelebA", self.data_dir, fetch, manual, checksums)
 

@@ -72,9 +72,12 @@ class CIFAR10DataModule(GlowDataModule):
                 for train in (True, False):
                     CIFAR10(self.data_dir, train=train, download=True)
 
-            checksums = [(os.path.join(self.data_dir, CIFAR10.filename), CIFAR10.tgz_md5)] + [
-                (os.path.join(self.folder, name), md5) for name, md5 in CIFAR10.train_list + CIFAR10.test_list
-            ]
+            def checksums():
+                archive = [(os.path.join(self.data_dir, CIFAR10.filename), CIFAR10.tgz_md5)]
+                return archive + [
+                    (os.path.join(self.folder, n), md5) for n, md5 in CIFAR10.train_list + CIFAR10.test_list
+                ]
+
             manual = f"download {CIFAR10_URL} and extract it into data_dir"
             download("CIFAR-10", self.data_dir, fetch, manual, checksums)
 

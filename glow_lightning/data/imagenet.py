@@ -103,8 +103,8 @@ def read_batch(path: str, size: int) -> tuple[np.ndarray, np.ndarray]:
                 entry = pickle.load(f, encoding="latin1")
             data, labels = entry["data"], entry["labels"]
         data, labels = np.asarray(data, dtype=np.uint8), np.asarray(labels, dtype=np.int64).reshape(-1)
-    except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as err:
-        raise DatasetError(f"cannot read ImageNet batch file {path}: {err}") from err
+    except Exception as err:  # a pickle can fail in many ways: UnpicklingError, EOFError, KeyError, TypeError...
+        raise DatasetError(f"cannot read ImageNet batch file {path}: {type(err).__name__}: {err}") from err
     if data.ndim != 2 or data.shape[1] != 3 * size * size:
         raise DatasetError(f"{path}: rows of {data.shape[1:]} values, expected {3 * size * size} (3x{size}x{size})")
     if len(labels) != len(data) or (len(labels) and (labels.min() < 1 or labels.max() > 1000)):

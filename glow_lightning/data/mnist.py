@@ -93,7 +93,10 @@ class MNISTDataModule(GlowDataModule):
                     dataset(self.data_dir, train=train, download=True)
 
             manual = f"put the four idx files (raw or .gz) into {self.folder}"
-            checksums = [(os.path.join(self.folder, name), md5) for name, md5 in dataset.resources]
+
+            def checksums():
+                return [(os.path.join(self.folder, name), md5) for name, md5 in dataset.resources]
+
             download(self.folder_name, self.data_dir, fetch, manual, checksums)
 
     def load_split(self, train: bool) -> TensorDataset:

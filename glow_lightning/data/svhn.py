@@ -78,7 +78,9 @@ class SVHNDataModule(GlowDataModule):
                 for split in self._splits(True) + self._splits(False):
                     SVHN(self.data_dir, split=split, download=True)
 
-            checksums = [(os.path.join(self.data_dir, name), md5) for _, name, md5 in SVHN.split_list.values()]
+            def checksums():
+                return [(os.path.join(self.data_dir, name), md5) for _, name, md5 in SVHN.split_list.values()]
+
             manual = f"download the *_32x32.mat files from {SVHN_URL} into data_dir"
             download("SVHN", self.data_dir, fetch, manual, checksums)
 
