@@ -6,7 +6,9 @@ import os
 
 os.environ.setdefault("WANDB_MODE", "offline")  # no test may need a W&B account or the network
 os.environ.setdefault("WANDB_SILENT", "true")
-os.environ.setdefault("GLOW_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"glow-test-cache-{os.getpid()}"))
+os.environ.setdefault(
+    "GLOW_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"glow-test-cache-{os.getpid()}")
+)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
