@@ -132,7 +132,7 @@ class ReversibleSteps(torch.autograd.Function):
         device, enabled, dtype = ctx.autocast
 
         def autocast():
-            return torch.autocast(device, dtype=dtype, enabled=enabled)
+            return torch.autocast(device, dtype=dtype) if enabled else nullcontext()
 
         per_step = []
         with torch.enable_grad():
