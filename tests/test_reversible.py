@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from glow_lightning import Glow
 from glow_lightning.cli import main
@@ -18,7 +19,7 @@ from glow_lightning.flow.reversible import ReversibleSteps, step_backward
 
 from .conftest import fit_args
 from .reliability_helpers import NanInput
-from .test_speed import TINY, loss_and_grads, perturbed_flow, twin
+from .test_speed import SYNC_OPS, TINY, loss_and_grads, perturbed_flow, twin
 
 # float32 tolerance of the gradients: the rebuilt step inputs differ from the stored ones by float32 rounding
 # (~1e-6 relative through K=32 steps, BENCHMARKS.md), which moves each gradient by about as much
@@ -244,6 +245,30 @@ def test_a_nan_batch_is_still_skipped_with_invert(cifar_dir, tmp_path):
     assert cli.trainer.global_step == 8 and cli.trainer.lightning_module.skipped_steps == 1
     assert torch.equal(nan.before[5], nan.before[6])  # step 5 (NaN input) left the weights alone
     assert not torch.equal(nan.before[4], nan.before[5]) and not torch.equal(nan.before[6], nan.before[7])
+
+
+def test_the_invert_training_step_has_no_host_sync(reference):
+    """Forward and the reversible backward (every step's inverse included) make no host-device sync; the
+    matrix inverse's error check (aten._linalg_check_errors) would be one per step on CUDA."""
+    flow, x = reference
+    flow = twin(flow, memory_saving="invert").train()
+    with RecordSyncs() as recorder:
+        flow.bits_per_dim(x).mean().backward()
+    assert recorder.syncs == []
+    with RecordSyncs() as recorder:
+        torch.linalg.inv(torch.eye(3))
+    assert recorder.syncs  # the recorder sees the error check
+
+
+class RecordSyncs(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) in (*SYNC_OPS, "aten._linalg_check_errors"):
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def test_memory_saving_true_still_means_recompute_and_bad_values_are_named():

@@ -152,7 +152,8 @@ class InvConv1x1(nn.Module):
         return torch.linalg.slogdet(weight.double())[1].float()
 
     def _inverse_and_logdet(self, weight: Tensor) -> tuple[Tensor, Tensor]:
-        return torch.linalg.inv(weight.double()).float(), self._logdet_per_pixel(weight)
+        # inv_ex: no error check, which would sync with the device (the reversible backward inverts every step)
+        return torch.linalg.inv_ex(weight.double()).inverse.float(), self._logdet_per_pixel(weight)
 
     @float32
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
