@@ -91,7 +91,7 @@ class GlowModule(L.LightningModule):
             pass instead of storing their activations (~1/10 of the activation memory at the paper config,
             ~1.3x the step time); ``invert``: keep only each level's output and rebuild every step's input with
             its inverse in the backward pass (reversible backprop: activation memory O(1) in depth, ~1/40 of
-            plain at the paper config, about the time of ``recompute``). See BENCHMARKS.md.
+            plain at the paper config, ~1.4-1.5x the step time). See BENCHMARKS.md.
     """
 
     def __init__(

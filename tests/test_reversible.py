@@ -153,9 +153,11 @@ def test_under_bf16_autocast_the_inverse_still_reconstructs(reference):
     loss, grads, x_grad = loss_grads_and_input_grad(flow, x, autocast=True)
     inv_loss, inv_grads, inv_x_grad = loss_grads_and_input_grad(invert, x, autocast=True)
     assert torch.equal(inv_loss, loss)
-    for name, grad in grads.items():  # the plain bf16 backward's gradients, to the float32 tolerance
-        torch.testing.assert_close(inv_grads[name], grad, rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
-    torch.testing.assert_close(inv_x_grad, x_grad, rtol=GRAD_RTOL, atol=GRAD_ATOL)
+    # the plain bf16 backward's gradients (measured ~4e-7 apart here); the tolerance leaves room for a bf16 rounding
+    # that a 1e-6 rebuild error flips on another CPU (bf16's own 1-ulp conditioning: ~1e-4, BENCHMARKS.md)
+    for name, grad in grads.items():
+        torch.testing.assert_close(inv_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    torch.testing.assert_close(inv_x_grad, x_grad, rtol=1e-3, atol=1e-5)
 
 
 def test_the_backward_without_its_autocast_would_not_reconstruct(reference, monkeypatch):

@@ -84,7 +84,8 @@ class Glow(nn.Module):
             backward pass (torch.utils.checkpoint), ~1/10 of the activation memory at the paper config for ~1.3x
             the step time; ``invert``: keep only each level's output and rebuild every step's input from its
             output with the step's inverse in the backward pass (reversible backprop, :mod:`.reversible`),
-            activation memory O(1) in K, for about the same time as ``recompute`` (BENCHMARKS.md).
+            activation memory O(1) in K (~1/40 of plain at the paper config) for ~1.05-1.1x ``recompute``'s step time
+            (BENCHMARKS.md).
     """
 
     def __init__(
