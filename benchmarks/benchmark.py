@@ -123,6 +123,25 @@ def saved_bytes(model, x, dims, autocast, loss_fn=None) -> int:
     return total
 
 
+def rebuilt_step_bytes(flow, batch_size, image_size, device, autocast) -> int:
+    """Bytes autograd saves while the invert backward rebuilds and backprops one level-1 step (the largest):
+    its coupling NN and its ActNorm + 1x1 conv, recomputed from the step's output (the backward's own code)."""
+    from glow_lightning.flow.reversible import step_backward
+
+    step = flow.steps[0][0]
+    y = torch.rand(batch_size, 4 * flow.in_channels, image_size // 2, image_size // 2, device=device)
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(), torch.enable_grad():
+        step_backward(step, y, torch.ones_like(y), y.new_ones(batch_size))
+    param_ptrs = {p.untyped_storage().data_ptr() for p in flow.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in param_ptrs)
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -142,7 +161,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps per implementation")
     p.add_argument("--block", type=int, default=1, help="consecutive steps per implementation per round")
     p.add_argument("--impl", nargs="+", default=["ours", "normflows"],
-                   help="ours, ours-compile, ours-memory, ours-compile-memory, normflows")  # fmt: skip
+                   help="ours, ours-compile, ours-memory, ours-compile-memory, ours-invert, ours-compile-invert, "
+                        "normflows (memory: memory_saving='recompute', invert: memory_saving='invert')")  # fmt: skip
     p.add_argument("--compile-mode", default="default", help="torch.compile mode for the ours-compile* variants")
     p.add_argument("--plain-adam", action="store_true",
                    help="ours with torch's default Adam too, instead of GlowModule's optimizer (fused Adam)")  # fmt: skip
@@ -171,7 +191,9 @@ def main(argv=None):
             if "compile" in name:
                 options["compile"] = True if args.compile_mode == "default" else args.compile_mode
             if "memory" in name:
-                options["memory_saving"] = True
+                options["memory_saving"] = "recompute"
+            if "invert" in name:
+                options["memory_saving"] = "invert"
             model = Ours(args, **options)
         model.to(device).train()
         model.init(x)
@@ -223,6 +245,9 @@ def main(argv=None):
             print(
                 f"# {name}: backward adds one recomputed level-1 coupling NN: {one / args.batch_size / 2**20:.2f} MiB/img"
             )
+        if "invert" in name and not args.no_activation_bytes:  # backward rebuilds and recomputes one step at a time
+            one = rebuilt_step_bytes(model.flow, args.batch_size, args.image_size, device, autocast)
+            print(f"# {name}: backward adds one rebuilt level-1 flow step: {one / args.batch_size / 2**20:.2f} MiB/img")
 
     header = (
         f"{'impl':<22}{'step ms':>10}{'img/s':>10}{'TFLOP/s':>10}{'GFLOP/img':>11}{'act MiB/img':>13}{'peak MiB':>10}"

@@ -43,4 +43,7 @@ for lk in "3 32" "3 10" "2 10"; do  # the notebook's configurations at batch 64,
     bench 90 --levels "$1" --steps-per-level "$2" --hidden-channels 512 --batch-size 64 --steps 20 --warmup 5 \
         --impl ours ours-compile --compile-mode reduce-overhead --no-flops 2>&1 | tee "$out/notebook_L$1_K$2.txt"
 done
+# issue 17 item 1: peak allocated memory of plain, recompute and invert at the paper config (the "peak MiB" column)
+bench 90 --levels 3 --steps-per-level 32 --hidden-channels 512 --batch-size 64 --steps 5 --warmup 2 \
+    --impl ours ours-memory ours-invert --no-flops 2>&1 | tee "$out/memory_paper.txt"
 echo "gpu.sh done in ${SECONDS} s" | tee -a "$out/machine.txt"

@@ -87,8 +87,11 @@ class GlowModule(L.LightningModule):
             an error naming the step and the first layer whose output became non-finite.
         compile: ``torch.compile`` each flow step for training (``true`` or a mode: ``default``,
             ``reduce-overhead``, ``max-autotune``); see BENCHMARKS.md.
-        memory_saving: recompute the coupling networks in the backward pass instead of storing their
-            activations (~1/10 of the activation memory at the paper config, ~1.3x the step time).
+        memory_saving: ``false``; ``recompute`` (or ``true``): recompute the coupling networks in the backward
+            pass instead of storing their activations (~1/10 of the activation memory at the paper config,
+            ~1.3x the step time); ``invert``: keep only each level's output and rebuild every step's input with
+            its inverse in the backward pass (reversible backprop: activation memory O(1) in depth, ~1/40 of
+            plain at the paper config, ~1.4-1.5x the step time). See BENCHMARKS.md.
     """
 
     def __init__(
@@ -115,7 +118,7 @@ class GlowModule(L.LightningModule):
         iw_samples: int = 0,
         max_consecutive_skips: int = 10,
         compile: bool | CompileMode = False,
-        memory_saving: bool = False,
+        memory_saving: bool | Literal["recompute", "invert"] = False,
     ):
         super().__init__()
         if not lr > 0:

@@ -29,7 +29,8 @@ def cuda_reference():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@pytest.mark.parametrize("options", [{}, dict(memory_saving=True)], ids=["eager", "memory_saving"])
+@pytest.mark.parametrize("options", [{}, dict(memory_saving=True), dict(memory_saving="invert")],
+                         ids=["eager", "memory_saving", "invert"])  # fmt: skip
 def test_training_step_has_no_host_sync_on_cuda(cuda_reference, options):
     flow, x = cuda_reference
     flow = twin(flow, **options).cuda().train()

@@ -30,6 +30,7 @@ from .classifier import TopClassifier
 from .layers import ActNorm, Coupling, CouplingLayer, FlowStep, Permutation, squeeze, unsqueeze
 from .priors import SplitPrior, TopPrior, gaussian_log_prob, gaussian_sample
 from .quantize import bins_to_unit, check_n_bits, unit_to_bins
+from .reversible import reversible_steps
 
 COUPLINGS = ("affine", "additive")
 PERMUTATIONS = ("invconv", "invconv_lu", "reverse", "shuffle")
@@ -40,6 +41,7 @@ ARCH_KEYS = (
 
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
+MemorySaving = Literal["recompute", "invert"]
 
 
 def _run_step(step: FlowStep, h: Tensor) -> tuple[Tensor, Tensor]:
@@ -92,9 +94,13 @@ class Glow(nn.Module):
         compile: ``torch.compile`` each flow step in training (regional: one graph per level shape, reused
             by all K steps); ``True`` or a mode: ``default``, ``reduce-overhead`` (CUDA graphs), ``max-autotune``.
             Evaluation and sampling stay eager.
-        memory_saving: in training with gradients, keep none of the coupling networks' activations (96% of a
-            step's) and recompute each network in the backward pass (torch.utils.checkpoint): ~1/10 of the
-            activation memory at the paper config for ~1.3x the step time (BENCHMARKS.md).
+        memory_saving: in training with gradients, ``false``: keep every activation; ``recompute`` (or ``true``):
+            keep none of the coupling networks' activations (96% of a step's) and recompute each network in the
+            backward pass (torch.utils.checkpoint), ~1/10 of the activation memory at the paper config for ~1.3x
+            the step time; ``invert``: keep only each level's output and rebuild every step's input from its
+            output with the step's inverse in the backward pass (reversible backprop, :mod:`.reversible`),
+            activation memory O(1) in K (~1/40 of plain at the paper config) for ~1.05-1.1x ``recompute``'s step time
+            (BENCHMARKS.md).
     """
 
     def __init__(
@@ -111,7 +117,7 @@ class Glow(nn.Module):
         n_bits: int = 8,
         num_classes: int = 0,
         compile: bool | CompileMode = False,
-        memory_saving: bool = False,
+        memory_saving: bool | MemorySaving = False,
     ):
         args = dict(locals())
         super().__init__()
@@ -137,8 +143,10 @@ class Glow(nn.Module):
             raise ValueError(f"compile must be a bool or one of {CompileMode.__args__}, got {compile!r}")
         if not isinstance(learn_top, bool):
             raise ValueError(f"learn_top must be a bool, got {learn_top!r}")
-        if not isinstance(memory_saving, bool):
-            raise ValueError(f"memory_saving must be a bool, got {memory_saving!r}")
+        if memory_saving is True:
+            memory_saving = "recompute"
+        if memory_saving is not False and memory_saving not in MemorySaving.__args__:
+            raise ValueError(f"memory_saving must be false, true, 'recompute' or 'invert', got {memory_saving!r}")
         self.compile_mode: str | None = compile or None
         if self.compile_mode:
             _allow_graphs(4 * (levels + 1))
@@ -169,7 +177,7 @@ class Glow(nn.Module):
         self.classifier = TopClassifier(channels, num_classes) if num_classes else None
         for module in self.modules():  # memory saving: the coupling NNs recompute their activations in backward
             if isinstance(module, CouplingLayer):
-                module.recompute_net = memory_saving
+                module.recompute_net = memory_saving == "recompute"
 
     # ----------------------------------------------------------------- checks
     @property
@@ -208,6 +216,14 @@ class Glow(nn.Module):
         run = _compiled_step(self.compile_mode) if self.compile_mode else _run_step
         return run(step, h)
 
+    def _inverts(self) -> bool:
+        """memory_saving="invert" applies: training with gradients (ActNorm's init runs without)."""
+        return self.memory_saving == "invert" and self.training and torch.is_grad_enabled() and not self._initializing
+
+    def _step_runner(self):
+        """How the reversible forward runs each step (without autograd): compiled or eager."""
+        return _compiled_step(self.compile_mode) if self.compile_mode else _run_step
+
     def _encode(
         self, x: Tensor, labels: Tensor | None = None, check_values: bool = False, priors: list | None = None
     ) -> tuple[list[Tensor], Tensor, list[Tensor]]:
@@ -223,9 +239,12 @@ class Glow(nn.Module):
         latents, prior_terms = [], []
         for level, steps in enumerate(self.steps):
             h = squeeze(h)  # (B, C, H, W) -> (B, 4C, H/2, W/2)
-            for step in steps:
-                h, ld = self._step(step, h)
-                logdet = logdet + ld
+            if self._inverts():  # memory_saving="invert": only the level's output is kept for backward
+                h, logdet = reversible_steps(steps, h, logdet, self._step_runner())
+            else:
+                for step in steps:
+                    h, ld = self._step(step, h)
+                    logdet = logdet + ld
             if level < self.levels - 1:
                 kept = self.kept_channels[level]
                 h, z = h[:, :kept], h[:, kept:]  # (B, 4C, ..) -> kept (B, 2C, ..), factored out (B, 2C, ..)

@@ -152,7 +152,8 @@ class InvConv1x1(nn.Module):
         return torch.linalg.slogdet(weight.double())[1].float()
 
     def _inverse_and_logdet(self, weight: Tensor) -> tuple[Tensor, Tensor]:
-        return torch.linalg.inv(weight.double()).float(), self._logdet_per_pixel(weight)
+        # inv_ex: no error check, which would sync with the device (the reversible backward inverts every step)
+        return torch.linalg.inv_ex(weight.double()).inverse.float(), self._logdet_per_pixel(weight)
 
     @float32
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -208,8 +209,10 @@ class ZeroConv2d(nn.Module):
 def coupling_net(in_channels: int, hidden_channels: int, out_channels: int) -> nn.Sequential:
     """The coupling's NN(): conv3x3 -> ReLU -> conv1x1 -> ReLU -> zero-initialised conv3x3.
 
-    It runs in ``channels_last``, weights included: stored that way, the 3x3 kernels are not converted
-    on every call (measured faster, BENCHMARKS.md). ``.to(device)`` and ``load_state_dict`` keep it.
+    It runs in ``channels_last``, convolution weights included: stored that way, the 3x3 kernels are not
+    converted on every call (measured faster, BENCHMARKS.md). ``.to(device)`` and ``load_state_dict`` keep it.
+    Only the convolutions are converted: ZeroConv2d's ``logs`` (1, C, 1, 1) stays contiguous like its gradient,
+    or DDP warns "Grad strides do not match bucket view strides" (issue 17).
     """
     net = nn.Sequential(
         nn.Conv2d(in_channels, hidden_channels, 3, padding=1),
@@ -218,7 +221,10 @@ def coupling_net(in_channels: int, hidden_channels: int, out_channels: int) -> n
         nn.ReLU(inplace=True),
         ZeroConv2d(hidden_channels, out_channels),
     )
-    return net.to(memory_format=torch.channels_last)
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            module.to(memory_format=torch.channels_last)
+    return net
 
 
 class CouplingLayer(nn.Module):
@@ -260,19 +266,23 @@ class CouplingLayer(nn.Module):
             return like.new_zeros(like.shape[0], dtype=torch.float32)
         return torch.log(scale).flatten(1).sum(1)
 
+    @staticmethod
+    def _couple(x_b: Tensor, shift: Tensor, scale: Tensor | None) -> Tensor:
+        return (x_b + shift) * scale if scale is not None else x_b + shift
+
+    @staticmethod
+    def _uncouple(y_b: Tensor, shift: Tensor, scale: Tensor | None) -> Tensor:
+        return y_b / scale - shift if scale is not None else y_b - shift
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x_a, x_b = x[:, : self.split], x[:, self.split :]
         shift, scale = self._shift_and_scale(x_a)
-        y_b = x_b + shift
-        if scale is not None:
-            y_b = y_b * scale
-        return torch.cat([x_a, y_b], dim=1), self._logdet(scale, x)
+        return torch.cat([x_a, self._couple(x_b, shift, scale)], dim=1), self._logdet(scale, x)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         y_a, y_b = y[:, : self.split], y[:, self.split :]
         shift, scale = self._shift_and_scale(y_a)
-        x_b = y_b / scale - shift if scale is not None else y_b - shift
-        return torch.cat([y_a, x_b], dim=1), -self._logdet(scale, y)
+        return torch.cat([y_a, self._uncouple(y_b, shift, scale)], dim=1), -self._logdet(scale, y)
 
 
 class FlowStep(nn.Module):
