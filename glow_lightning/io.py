@@ -35,7 +35,7 @@ from lightning.fabric.utilities.cloud_io import _is_object_storage
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
-from .flow.checks import CheckpointFileError, describe_checkpoint_problem, first_line
+from .flow.checks import CheckpointFileError, describe_checkpoint_problem, first_line, read_checkpoint
 
 TEMP_PATTERN = re.compile(r"^\..+\.ckpt\.[0-9a-f]{12}\.part$")
 CHUNK = 1 << 24  # bytes per write call
@@ -133,20 +133,7 @@ def check_writable(path: str, what: str) -> None:
 
 def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:
     """``torch.load(weights_only=True)`` of a local path or fsspec URL, with errors that name the file."""
-    fs, target = url_to_fs(str(path))
-    if not fs.exists(target):
-        raise FileNotFoundError(f"no such checkpoint file: {path}")
-    try:
-        with fs.open(target, "rb") as f:
-            ckpt = torch.load(f, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated zip, corrupt pickle, or a pickle that would run code
-        raise UnreadableCheckpointError(
-            f"{path} is not a readable checkpoint (truncated, corrupt, or holding code, which is never run): "
-            f"{first_line(err)}"
-        ) from err
-    if not isinstance(ckpt, dict):
-        raise UnreadableCheckpointError(f"{path} is not a checkpoint (holds a {type(ckpt).__name__}, not a dict)")
-    return ckpt
+    return read_checkpoint(path, map_location, error=UnreadableCheckpointError)
 
 
 def checkpoint_write_error(path: str, err: OSError) -> str:

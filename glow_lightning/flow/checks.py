@@ -98,3 +98,24 @@ def first_line(err: BaseException) -> str:
     """The first sentence of an exception's message (torch's errors span many lines)."""
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0].split('. ')[0] if text else ''}"
+
+
+def read_checkpoint(path: str, map_location="cpu", error: type[CheckpointFileError] = CheckpointFileError) -> dict:
+    """``torch.load(weights_only=True)`` of a local path or fsspec URL (no code in the file runs), with errors
+    that name the file: FileNotFoundError, or ``error`` for a truncated, corrupt, code-carrying or non-dict file."""
+    import fsspec
+
+    fs, target = fsspec.core.url_to_fs(str(path))
+    if not fs.exists(target):
+        raise FileNotFoundError(f"no such checkpoint file: {path}")
+    try:
+        with fs.open(target, "rb") as f:
+            ckpt = torch.load(f, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, corrupt pickle, or a pickle that would run code
+        raise error(
+            f"{path} is not a readable checkpoint (truncated, corrupt, or holding code, which is never run): "
+            f"{first_line(err)}"
+        ) from err
+    if not isinstance(ckpt, dict):
+        raise error(f"{path} is not a checkpoint (holds a {type(ckpt).__name__}, not a dict)")
+    return ckpt

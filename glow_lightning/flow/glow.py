@@ -25,6 +25,7 @@ from .checks import (
     describe_checkpoint_problem,
     first_line,
     positive_int,
+    read_checkpoint,
 )
 from .classifier import TopClassifier
 from .layers import ActNorm, Coupling, CouplingLayer, FlowStep, Permutation, squeeze, unsqueeze
@@ -448,20 +449,8 @@ class Glow(nn.Module):
 
         Uses ``torch.load(weights_only=True)``: no code in the file is run. Works without Lightning.
         """
-        import fsspec
-
-        fs, target = fsspec.core.url_to_fs(str(path))
-        if not fs.exists(target):
-            raise FileNotFoundError(f"no such checkpoint file: {path}")
-        try:
-            with fs.open(target, "rb") as f:
-                ckpt = torch.load(f, map_location=map_location, weights_only=True)
-        except Exception as err:  # truncated zip, corrupt pickle, or a pickle that would run code
-            raise CheckpointFileError(
-                f"{path} is not a readable checkpoint (truncated, corrupt, or holding code, which is never run): "
-                f"{first_line(err)}"
-            ) from err
-        problem = describe_checkpoint_problem(ckpt, path) if isinstance(ckpt, dict) else f"{path} is not a checkpoint"
+        ckpt = read_checkpoint(path, map_location)
+        problem = describe_checkpoint_problem(ckpt, path)
         if problem:
             raise CheckpointFileError(problem)
         hparams = ckpt["hyper_parameters"]
