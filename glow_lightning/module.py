@@ -18,10 +18,12 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import TQDMProgressBar
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from .callbacks.nonfinite import NonFiniteGuard
+from .callbacks.progress import GlowProgressBar
 from .flow import Glow
 from .flow.dequantization import VariationalDequantizer, dequantize, unit_noise
 from .flow.glow import ARCH_KEYS, CompileMode
@@ -37,8 +39,9 @@ def make_optimizer(
     name: str, params, lr: float, weight_decay: float = 0.0, allow_fused: bool = True
 ) -> torch.optim.Optimizer:
     """GlowModule's optimizer: Adam (fused single-kernel update where torch supports it for the
-    parameters' device: CPU, CUDA, ...; see BENCHMARKS.md) or Adamax. ``allow_fused=False`` under mixed
-    precision: Lightning's AMP plugin refuses gradient clipping with optimizers that unscale internally."""
+    parameters' device: CPU, CUDA, ...; see BENCHMARKS.md) or Adamax. ``allow_fused=False`` under a
+    GradScaler (16-mixed): Lightning unscales the gradients before clipping only for optimizers that do not
+    unscale internally. The fused update also takes the non-finite guard's skip on the device (``found_inf``)."""
     params = list(params)
     if name == "adamax":
         return torch.optim.Adamax(params, lr=lr, weight_decay=weight_decay)
@@ -190,7 +193,8 @@ class GlowModule(L.LightningModule):
         metric = getattr(self, f"{stage}_bpd")
         if stage == "train":  # train/bpd: this batch's value; train/bpd_epoch: the epoch's (no Lightning suffixes)
             batch_bpd = metric(log_prob, self.flow.dims, self.flow.n_bits)  # forward: the batch value, and accumulates
-            self.log("train/bpd", batch_bpd, on_step=True, on_epoch=False, prog_bar=True)
+            # not prog_bar: Lightning would read it on the host after every batch; GlowProgressBar shows it
+            self.log("train/bpd", batch_bpd, on_step=True, on_epoch=False)
             self.log("train/bpd_epoch", metric, on_step=False, on_epoch=True)
         else:
             metric.update(log_prob, self.flow.dims, self.flow.n_bits)
@@ -210,13 +214,39 @@ class GlowModule(L.LightningModule):
     @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        if self._logs_this_step():  # a Python number becomes a device tensor: a blocking copy on CUDA
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
+
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning writes the step's metrics to the loggers after this batch (every log_every_n_steps)."""
+        trainer = self.trainer
+        return (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0 or trainer.should_stop
 
     @override
     def configure_callbacks(self) -> list[L.Callback]:
-        """The non-finite guard (skips, counts and stops; see :mod:`glow_lightning.callbacks.nonfinite`)."""
-        return [NonFiniteGuard()]
+        """The non-finite guard (skips, counts and stops; see :mod:`glow_lightning.callbacks.nonfinite`), and
+        :class:`~glow_lightning.callbacks.progress.GlowProgressBar` in place of Lightning's default bar."""
+        callbacks: list[L.Callback] = [NonFiniteGuard()]
+        if type(self._trainer.progress_bar_callback if self._trainer else None) is TQDMProgressBar:
+            callbacks.append(GlowProgressBar())  # replaces the default bar (train/bpd without a sync per batch)
+        return callbacks
+
+    @override
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Clip as Lightning does (``--trainer.gradient_clip_val`` / ``_algorithm``), in one foreach pass with no
+        host sync, also for fused Adam under bf16-mixed (Lightning's AMP plugin refuses clipping for optimizers
+        that unscale internally; with no GradScaler there is nothing to unscale). A non-finite norm leaves
+        non-finite gradients: the non-finite guard skips that step."""
+        if not gradient_clip_val:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if str(gradient_clip_algorithm or "norm") == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True, error_if_nonfinite=False)
 
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -272,13 +302,13 @@ class GlowModule(L.LightningModule):
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:
-        mixed = self._trainer is not None and "mixed" in str(self._trainer.precision)
+        scaler = self._trainer is not None and getattr(self._trainer.precision_plugin, "scaler", None) is not None
         optimizer = make_optimizer(
             self.hparams.optimizer,
             self.parameters(),
             lr=self.hparams.lr,
             weight_decay=self.hparams.weight_decay,
-            allow_fused=not mixed,
+            allow_fused=not scaler,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -5,6 +5,7 @@
 - :mod:`.ema`: ``GlowEMA`` (exponential moving average of the weights) and ``averaged_weights``
 - :mod:`.invertibility`: ``InvertibilityMonitor`` (``val/recon_error``)
 - :mod:`.nonfinite`: ``NonFiniteGuard`` (skips non-finite updates; added by ``GlowModule.configure_callbacks``)
+- :mod:`.progress`: ``GlowProgressBar`` (``train/bpd`` on the bar without a host sync per batch)
 - :mod:`.predictions`: ``LikelihoodWriter`` (``glow predict`` -> per-image CSV)
 """
 
@@ -14,10 +15,12 @@ from .images import InterpolationImages, ReconstructionImages, SampleImages, log
 from .invertibility import InvertibilityMonitor
 from .nonfinite import NonFiniteGuard, NonFiniteTrainingError
 from .predictions import LikelihoodWriter
+from .progress import GlowProgressBar
 
 __all__ = [
     "GlowCheckpoint",
     "GlowEMA",
+    "GlowProgressBar",
     "InterpolationImages",
     "InvertibilityMonitor",
     "LikelihoodWriter",

@@ -1,12 +1,22 @@
 """NonFiniteGuard: skip an optimizer step whose loss or gradients are not finite; stop after too many.
 
 DESIGN.md rule 5: non-finite losses are detected, never silently averaged away. The guard skips such
-an update on every rank alike, as AMP's GradScaler does (one all-reduced flag, one host sync per
-step), counts it (``train/skipped_steps``) and stops after ``max_consecutive_skips`` skips in a row
-(a GlowModule hyperparameter) with :class:`NonFiniteTrainingError`, which names the step and the
-first layer whose output became non-finite. The diagnosis (a forward pass with hooks) runs only
-then, never on the hot path. It also logs ``train/grad_norm``, the total gradient norm it computes
-for the test anyway.
+an update on every rank alike, as AMP's GradScaler does, and decides it on the device, so a training step
+makes no host-device sync (issue 17 item 2):
+
+- The flag (loss or total gradient norm not finite) is a 0-dim tensor, all-reduced (max) as a tensor under DDP.
+- Fused Adam (GlowModule's default on CPU and CUDA) gets it as ``optimizer.found_inf``, the contract torch's
+  GradScaler uses: with it set, the fused kernel leaves parameters and moments unchanged and rolls ``step`` back.
+  Other optimizers (Adamax, Adam where no fused kernel exists) get a masked update: parameters and optimizer
+  state are copied before the step and put back with ``torch.where`` after it. Under a GradScaler (16-mixed)
+  the scaler skips by itself.
+- The host learns the flag one step late (:class:`_HostFlag`): the counts (``train/skipped_steps``, logged
+  from a device counter) and the stop rule are settled at the next optimizer step, at validation start, at the
+  end of the epoch and when a checkpoint is written. After ``max_consecutive_skips`` skips in a row (a
+  GlowModule hyperparameter) training stops within one step, with :class:`NonFiniteTrainingError` naming the
+  step and the first layer whose output became non-finite. The diagnosis (a forward pass with hooks on the
+  batch of that step) runs only then, never on the hot path. It also logs ``train/grad_norm``, the total
+  gradient norm it computes for the test anyway (non-finite on a skipped step).
 
 ``GlowModule.configure_callbacks`` adds it, so a plain ``Trainer`` has it too. Both counters are
 callback state, saved in checkpoints; checkpoints written before the guard was a callback hold the
@@ -15,6 +25,7 @@ total count as ``checkpoint["skipped_steps"]``, which is read on resume.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -79,10 +90,87 @@ def first_nonfinite_gradient(model: nn.Module, prefix: str = "") -> str | None:
     return None
 
 
+class _HostFlag:
+    """A step's skip flag, copied to host memory without a host-device sync, read one step later.
+
+    On CUDA the copy goes to pinned memory with ``non_blocking=True`` and an event marks it; the read waits on
+    that event only (the device has usually passed it, and the next step's work stays queued), never on the
+    whole stream. The value is read through a NumPy view of the host buffer: host memory, no tensor op.
+    """
+
+    def __init__(self, device: torch.device):
+        cuda = device.type == "cuda"
+        self.buffer = torch.zeros(1, pin_memory=cuda)
+        self.view = self.buffer.numpy()
+        self.event = torch.cuda.Event() if cuda else None
+
+    def put(self, flag: Tensor) -> None:
+        self.buffer.copy_(flag.detach().reshape(1), non_blocking=self.event is not None)
+        if self.event is not None:
+            self.event.record()
+
+    def get(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.view[0])
+
+
+class _MaskedUpdate:
+    """Undo an optimizer step on the device when ``skip`` is set: for optimizers without ``found_inf`` support.
+
+    Before the step every parameter and optimizer-state tensor is copied; after it (an optimizer step post hook)
+    each is set to ``torch.where(skip, copy, new)``. State that the step created (the first step) goes back to
+    zeros, its initial value in Adam and Adamax.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.saved: list[tuple[Tensor, Tensor | None]] | None = None
+        self.skip: Tensor | None = None
+        self.handle = optimizer.register_step_post_hook(self.restore)
+
+    @staticmethod
+    def _params(optimizer) -> list[Tensor]:
+        return [p for group in optimizer.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def arm(self, optimizer, skip: Tensor) -> None:
+        self.skip = skip.bool()
+        saved = []
+        for p in self._params(optimizer):
+            saved.append((p, p.detach().clone()))
+            saved += [(t, t.clone()) for t in optimizer.state.get(p, {}).values() if isinstance(t, Tensor)]
+        self.saved = saved
+
+    @torch.no_grad()
+    def restore(self, optimizer, args, kwargs) -> None:
+        if self.saved is None:
+            return
+        kept = {id(t) for t, _ in self.saved}
+        for t, old in self.saved:
+            t.copy_(torch.where(self.skip, old, t))
+        for p in self._params(optimizer):  # state created by this step
+            for t in optimizer.state.get(p, {}).values():
+                if isinstance(t, Tensor) and id(t) not in kept:
+                    t.copy_(torch.where(self.skip, torch.zeros_like(t), t))
+        self.saved = self.skip = None
+
+
+def _all_ranks_max(flag: Tensor) -> Tensor:
+    """``flag`` max-reduced over DDP ranks, as a tensor (``Strategy.reduce`` adds a barrier: a host sync)."""
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag
+
+
 class NonFiniteGuard(L.Callback):
     """Skip optimizer steps with a non-finite loss or gradient; stop after ``max_consecutive_skips`` in a row.
 
     The limit is read from ``pl_module.hparams.max_consecutive_skips`` (``--model.max_consecutive_skips``).
+    The skip is decided on the device; the counts and the stop rule are read one step late (see the module doc).
     """
 
     def __init__(self):
@@ -90,6 +178,20 @@ class NonFiniteGuard(L.Callback):
         self.consecutive_skips = 0
         self._loss_finite: Tensor | None = None  # on the device: no host sync before the optimizer step
         self._batch: dict | None = None
+        self._skipped_on_device: Tensor | None = None  # the total, logged as train/skipped_steps
+        self._host: _HostFlag | None = None
+        self._pending: tuple[int, dict | None] | None = None  # (global step, batch) whose flag the host has not read
+        self._stop: tuple[int, dict | None] | None = None  # the step that reached the limit, the batch it trained on
+        self._limit: int | None = None  # max_consecutive_skips of the module being trained
+        self._masked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> _MaskedUpdate
+        self._hooked: weakref.WeakSet = weakref.WeakSet()  # optimizers that drop found_inf after their step
+
+    @override
+    def on_train_start(self, trainer, pl_module) -> None:
+        pl_module.skipped_steps = self.skipped_steps
+        self._limit = pl_module.hparams.max_consecutive_skips
+        self._skipped_on_device = torch.tensor(float(self.skipped_steps), device=pl_module.device)
+        self._host = _HostFlag(pl_module.device)
 
     @override
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
@@ -102,30 +204,82 @@ class NonFiniteGuard(L.Callback):
 
     @override
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        """Skip this update on every rank if its loss or any gradient is non-finite (one flag, one sync);
-        log the total L2 norm of the gradients (unscaled, averaged over DDP ranks, before clipping)."""
-        loss_finite = self._loss_finite if self._loss_finite is not None else torch.ones((), device=pl_module.device)
-        self._loss_finite = None
+        """Settle the previous step (counts, stop rule); decide this one's skip on the device (one flag for all
+        ranks); log the total L2 norm of the gradients (unscaled, averaged over DDP ranks, before clipping)."""
+        self._settle(trainer, pl_module)
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
         norm = total_grad_norm(pl_module.parameters())  # on the device
-        flag = loss_finite.bool() if norm is None else loss_finite.bool() & torch.isfinite(norm)
-        finite = bool(trainer.strategy.reduce(flag.float(), reduce_op="min"))  # the one host sync per step
-        if finite:
-            self.consecutive_skips = 0
-            if norm is not None:
-                pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        bad = torch.zeros((), dtype=torch.bool, device=pl_module.device)
+        if self._loss_finite is not None:
+            bad = bad | ~self._loss_finite.bool()
+        if norm is not None:
+            bad = bad | ~torch.isfinite(norm)
+        self._loss_finite = None
+        skip = _all_ranks_max(bad.float())  # 1.0: skip this update
+        if getattr(trainer.precision_plugin, "scaler", None) is None:  # a GradScaler skips by itself
+            self._apply(optimizer, skip)
+        if self._skipped_on_device is None:  # a fit without on_train_start (called by hand)
+            self.on_train_start(trainer, pl_module)
+        self._skipped_on_device += skip
+        self._host.put(skip)
+        self._pending = (trainer.global_step, self._batch)
+        if norm is not None:
+            pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        pl_module.log("train/skipped_steps", self._skipped_on_device, on_step=True, on_epoch=False)
+
+    def _apply(self, optimizer, skip: Tensor) -> None:
+        if getattr(optimizer, "_step_supports_amp_scaling", False):  # fused Adam: GradScaler's contract
+            optimizer.found_inf = skip
+            if optimizer not in self._hooked:
+                optimizer.register_step_post_hook(_forget_found_inf)
+                self._hooked.add(optimizer)
         else:
+            masked = self._masked.get(optimizer)
+            if masked is None:
+                masked = self._masked[optimizer] = _MaskedUpdate(optimizer)
+            masked.arm(optimizer, skip)
+
+    def _count(self) -> None:
+        """Read the pending step's flag (one step late) into the counters."""
+        if self._pending is None or self._host is None:
+            return
+        step, batch = self._pending
+        self._pending = None
+        if self._host.get():
             self.skipped_steps += 1
             self.consecutive_skips += 1
-            pl_module.skipped_steps = self.skipped_steps
-            if self.consecutive_skips >= pl_module.hparams.max_consecutive_skips:
-                raise NonFiniteTrainingError(self.diagnose(trainer, pl_module))
-            if getattr(trainer.precision_plugin, "scaler", None) is None:  # a GradScaler skips by itself
-                optimizer.zero_grad(set_to_none=True)  # the optimizer leaves parameters without grads alone
-        pl_module.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+            if self._stop is None and self._limit is not None and self.consecutive_skips >= self._limit:
+                self._stop = (step, batch)
+        else:
+            self.consecutive_skips = 0
 
-    def diagnose(self, trainer, pl_module) -> str:
-        """The error message: the step, and where the values became non-finite."""
-        batch, flow = self._batch, pl_module.flow
+    def _settle(self, trainer, pl_module) -> None:
+        """Count the pending step; raise if it reached the limit (within one step of it)."""
+        self._limit = pl_module.hparams.max_consecutive_skips
+        self._count()
+        pl_module.skipped_steps = self.skipped_steps
+        if self._stop is not None:
+            step, batch = self._stop
+            self._stop = None
+            raise NonFiniteTrainingError(self.diagnose(trainer, pl_module, step, batch))
+
+    @override
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._settle(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._settle(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._settle(trainer, pl_module)
+
+    def diagnose(self, trainer, pl_module, step: int | None = None, batch: dict | None = None) -> str:
+        """The error message: the step, and where the values became non-finite (on that step's batch)."""
+        step = trainer.global_step if step is None else step
+        batch, flow = self._batch if batch is None else batch, pl_module.flow
         if batch is not None and not torch.isfinite(batch["x"]).all():
             where = "the input batch (batch['x']) holds non-finite values"
         else:
@@ -142,7 +296,7 @@ class NonFiniteGuard(L.Callback):
                 where = "the forward pass of the last batch is finite again (the loss was not)"
         limit = pl_module.hparams.max_consecutive_skips
         return (
-            f"training stopped at global step {trainer.global_step}: {self.consecutive_skips} optimizer steps in a "
+            f"training stopped at global step {step}: {self.consecutive_skips} optimizer steps in a "
             f"row had a non-finite loss or gradient (max_consecutive_skips={limit}); "
             f"{where}. Checkpoints saved before this step are intact: lower the learning rate or raise "
             "warmup_steps, and resume from one of them."
@@ -150,6 +304,7 @@ class NonFiniteGuard(L.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        self._count()  # a checkpoint holds exact counts (the stop, if due, is raised at the next hook)
         return {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}
 
     @override
@@ -163,6 +318,7 @@ class NonFiniteGuard(L.Callback):
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
         self.consecutive_skips = 0
 
-    @override
-    def on_train_start(self, trainer, pl_module) -> None:
-        pl_module.skipped_steps = self.skipped_steps
+
+def _forget_found_inf(optimizer, args, kwargs) -> None:
+    """After the step: drop the flag, as GradScaler does, so a later step by hand is not skipped."""
+    optimizer.__dict__.pop("found_inf", None)

@@ -16,10 +16,12 @@ import os
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.trainer.connectors.accelerator_connector import _PLUGIN_INPUT
 
 from ..callbacks.images import Split, labels_of
+from ..callbacks.progress import GlowProgressBar
 from ..flow.quantize import bins_to_unit
 from ..flow.visualize import Interpolation, image_grid, interpolation_grid, reconstruction_grid
 from ..io import (
@@ -54,10 +56,17 @@ class GlowTrainer(L.Trainer):
     """Lightning's Trainer with Glow's image subcommands (``glow sample``, ``reconstruct``, ``interpolate``).
 
     Checkpoints are written atomically and loaded with ``weights_only=True`` (:class:`~glow_lightning.io.AtomicCheckpointIO`)
-    unless ``plugins`` holds a CheckpointIO of its own.
+    unless ``plugins`` holds a CheckpointIO of its own. The progress bar is
+    :class:`~glow_lightning.callbacks.progress.GlowProgressBar` unless ``callbacks`` holds one of its own.
     """
 
     def __init__(self, *args, plugins: _PLUGIN_INPUT | list[_PLUGIN_INPUT] | None = None, **kwargs):
+        callbacks = kwargs.get("callbacks")
+        callbacks = (
+            [] if callbacks is None else list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        )
+        if kwargs.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, GlowProgressBar()]
         super().__init__(*args, plugins=_with_atomic_checkpoint_io(plugins), **kwargs)
 
     def _prepare(self, model: L.LightningModule, ckpt_path: str) -> L.LightningModule:
