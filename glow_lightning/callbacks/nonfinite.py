@@ -120,12 +120,16 @@ class _MaskedUpdate:
 
     Before the step every parameter and optimizer-state tensor is copied; after it (an optimizer step post hook)
     each is set to ``torch.where(skip, copy, new)``. State that the step created (the first step) goes back to
-    zeros, its initial value in Adam and Adamax.
+    zeros, its initial value in Adam and Adamax. Tensors held on another device than the flag (the ``step``
+    counters that torch keeps on the CPU for non-capturable optimizers of CUDA parameters, so that reading them
+    is no sync) are put back on the host when the guard reads the flag, one step late but before the next step
+    reads them (:meth:`settle`).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer):
-        self.saved: list[tuple[Tensor, Tensor | None]] | None = None
+        self.saved: list[tuple[Tensor, Tensor]] | None = None
         self.skip: Tensor | None = None
+        self.host: list[tuple[Tensor, Tensor]] = []  # (tensor, value to put back if the step was skipped)
         self.handle = optimizer.register_step_post_hook(self.restore)
 
     @staticmethod
@@ -146,13 +150,27 @@ class _MaskedUpdate:
         if self.saved is None:
             return
         kept = {id(t) for t, _ in self.saved}
-        for t, old in self.saved:
-            t.copy_(torch.where(self.skip, old, t))
-        for p in self._params(optimizer):  # state created by this step
-            for t in optimizer.state.get(p, {}).values():
-                if isinstance(t, Tensor) and id(t) not in kept:
-                    t.copy_(torch.where(self.skip, torch.zeros_like(t), t))
+        created = [
+            (t, torch.zeros_like(t))
+            for p in self._params(optimizer)
+            for t in optimizer.state.get(p, {}).values()
+            if isinstance(t, Tensor) and id(t) not in kept
+        ]
+        self.host = []
+        for t, old in self.saved + created:
+            if t.device == self.skip.device:
+                t.copy_(torch.where(self.skip, old, t))
+            else:
+                self.host.append((t, old))
         self.saved = self.skip = None
+
+    @torch.no_grad()
+    def settle(self, skipped: bool) -> None:
+        """The host has read the flag of the last step: put its host-side tensors back if it was skipped."""
+        if skipped:
+            for t, old in self.host:
+                t.copy_(old)
+        self.host = []
 
 
 def _all_ranks_max(flag: Tensor) -> Tensor:
@@ -245,7 +263,10 @@ class NonFiniteGuard(L.Callback):
             return
         step, batch = self._pending
         self._pending = None
-        if self._host.get():
+        skipped = self._host.get()
+        for masked in self._masked.values():
+            masked.settle(skipped)
+        if skipped:
             self.skipped_steps += 1
             self.consecutive_skips += 1
             if self._stop is None and self._limit is not None and self.consecutive_skips >= self._limit:
