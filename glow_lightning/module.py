@@ -28,7 +28,7 @@ from .flow import Glow
 from .flow.dequantization import VariationalDequantizer, dequantize, unit_noise
 from .flow.glow import ARCH_KEYS, CompileMode
 from .flow.layers import Coupling, Permutation
-from .metrics import BitsPerDim
+from .metrics import BitsPerDim, logs_at
 
 
 class CheckpointMismatchError(ValueError):
@@ -149,6 +149,7 @@ class GlowModule(L.LightningModule):
             self.val_acc = MulticlassAccuracy(num_classes, average="micro")
             self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.skipped_steps = 0  # set by the NonFiniteGuard callback, which keeps (and saves) the counts
+        self._log_epoch_bpd = True  # train/bpd_epoch is logged on the first batch of each epoch
 
     # ------------------------------------------------------------------ steps
     def _labels(self, batch: dict) -> torch.Tensor | None:
@@ -191,15 +192,16 @@ class GlowModule(L.LightningModule):
     def _shared_step(self, batch: dict, stage: str) -> torch.Tensor:
         log_prob, logits = self._log_prob_and_logits(batch)  # (B,) nats
         metric = getattr(self, f"{stage}_bpd")
+        metric.update(log_prob, self.flow.dims, self.flow.n_bits)
+        loss = (-log_prob / (self.flow.dims * math.log(2))).mean() + self.flow.n_bits  # this batch's bits/dim
         if stage == "train":  # train/bpd: this batch's value; train/bpd_epoch: the epoch's (no Lightning suffixes)
-            batch_bpd = metric(log_prob, self.flow.dims, self.flow.n_bits)  # forward: the batch value, and accumulates
-            # not prog_bar: Lightning would read it on the host after every batch; GlowProgressBar shows it
-            self.log("train/bpd", batch_bpd, on_step=True, on_epoch=False)
-            self.log("train/bpd_epoch", metric, on_step=False, on_epoch=True)
+            if logs_at(self.trainer, self.trainer.global_step):  # not prog_bar: GlowProgressBar shows it
+                self.log("train/bpd", loss.detach(), on_step=True, on_epoch=False)
+            if self._log_epoch_bpd:  # once per epoch is enough: the metric accumulates by itself
+                self.log("train/bpd_epoch", metric, on_step=False, on_epoch=True)
+                self._log_epoch_bpd = False
         else:
-            metric.update(log_prob, self.flow.dims, self.flow.n_bits)
             self.log(f"{stage}/bpd", metric, on_step=False, on_epoch=True, prog_bar=True)
-        loss = (-log_prob / (self.flow.dims * math.log(2))).mean() + self.flow.n_bits
         if logits is not None:  # class-conditional: + y_weight * cross-entropy in bits
             y_bits = F.cross_entropy(logits, batch["label"].long()) / math.log(2)
             if stage == "train":
@@ -213,15 +215,17 @@ class GlowModule(L.LightningModule):
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """The loss; on-step metrics only on the steps that log them (:func:`~glow_lightning.metrics.logs_at`):
+        Lightning writes them to the loggers every ``log_every_n_steps``, and a logged Python number (the lr)
+        becomes a device tensor, a blocking copy on CUDA."""
         loss = self._shared_step(batch, "train")
-        if self._logs_this_step():  # a Python number becomes a device tensor: a blocking copy on CUDA
+        if logs_at(self.trainer, self.trainer.global_step):
             self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
-    def _logs_this_step(self) -> bool:
-        """Whether Lightning writes the step's metrics to the loggers after this batch (every log_every_n_steps)."""
-        trainer = self.trainer
-        return (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0 or trainer.should_stop
+    @override
+    def on_train_epoch_start(self) -> None:
+        self._log_epoch_bpd = True
 
     @override
     def configure_callbacks(self) -> list[L.Callback]:

@@ -16,7 +16,8 @@ makes no host-device sync (issue 17 item 2):
   GlowModule hyperparameter) training stops within one step, with :class:`NonFiniteTrainingError` naming the
   step and the first layer whose output became non-finite. The diagnosis (a forward pass with hooks on the
   batch of that step) runs only then, never on the hot path. It also logs ``train/grad_norm``, the total
-  gradient norm it computes for the test anyway (non-finite on a skipped step).
+  gradient norm it computes for the test anyway (non-finite on a skipped step), on the steps that log
+(:func:`~glow_lightning.metrics.logs_at`).
 
 ``GlowModule.configure_callbacks`` adds it, so a plain ``Trainer`` has it too. Both counters are
 callback state, saved in checkpoints; checkpoints written before the guard was a callback hold the
@@ -33,6 +34,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 from typing_extensions import override
+
+from ..metrics import logs_at
 
 
 class NonFiniteTrainingError(FloatingPointError):
@@ -241,9 +244,10 @@ class NonFiniteGuard(L.Callback):
         self._skipped_on_device += skip
         self._host.put(skip)
         self._pending = (trainer.global_step, self._batch)
-        if norm is not None:
-            pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
-        pl_module.log("train/skipped_steps", self._skipped_on_device, on_step=True, on_epoch=False)
+        if logs_at(trainer, trainer.global_step):  # the steps whose metrics Lightning writes (~1 ms per log call)
+            if norm is not None:
+                pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+            pl_module.log("train/skipped_steps", self._skipped_on_device, on_step=True, on_epoch=False)
 
     def _apply(self, optimizer, skip: Tensor) -> None:
         if getattr(optimizer, "_step_supports_amp_scaling", False):  # fused Adam: GradScaler's contract

@@ -3,7 +3,8 @@
 Lightning converts every ``prog_bar=True`` metric logged on step to a Python number (``.item()``) after each
 training batch, whether a bar is shown or not: one host-device sync per batch (issue 17 item 2). So
 ``train/bpd`` is logged with ``prog_bar=False`` and this bar reads it itself, from ``trainer.callback_metrics``,
-every ``log_every_n_steps`` optimizer steps (when the loggers read it too) and at the end of an epoch;
+after the steps that log it (:func:`~glow_lightning.metrics.logs_at`: the first, then every ``log_every_n_steps``,
+when the loggers read it too) and at the end of an epoch;
 between refreshes it shows the last value read.
 """
 
@@ -13,6 +14,8 @@ from typing import Any
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 from typing_extensions import override
+
+from ..metrics import logs_at
 
 SHOWN = ("train/bpd",)  # logged on step without prog_bar; shown on the bar
 
@@ -41,7 +44,7 @@ class GlowProgressBar(TQDMProgressBar):
     @override
     def get_metrics(self, trainer, pl_module) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
-        due = not self._in_batch or trainer.global_step % max(1, trainer.log_every_n_steps) == 0
+        due = not self._in_batch or logs_at(trainer, trainer.global_step - 1)  # the step just done logged it
         if due:
             metrics = trainer.callback_metrics
             self._shown.update({k: float(metrics[k]) for k in SHOWN if k in metrics})  # a sync, every N steps

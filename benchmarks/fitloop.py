@@ -1,0 +1,170 @@
+"""The fit loop against the raw step (issue 17 item 4), in one process.
+
+``--part ratio``: images/s of ``glow fit``'s training batches (``configs/cifar.yaml`` with its callbacks: clipping,
+the non-finite guard, the image grids, the invertibility check, the checkpoint, the TensorBoard logger, the
+progress bar; random CIFAR-format images on disk) against the raw training step of ``benchmarks/benchmark.py``
+(forward to bits/dim, backward, GlowModule's optimizer) at the same model and batch size. Raw and fit blocks
+alternate (raw, fit, raw, fit, raw) so load from other processes hits both. A fit batch is the time from one
+``on_train_batch_start`` to the next: data loading, the step, every hook and the logging; the epoch's last batch
+(validation and the end-of-epoch callbacks start there) and the first ``--warmup`` batches are not counted.
+
+``--part epoch-end``: the end-of-epoch work (the three sample grids, reconstructions, interpolations, the
+invertibility check; validation itself not counted) of one short ``glow fit`` at the paper config, from
+Lightning's SimpleProfiler, against a CIFAR-10 epoch extrapolated from the measured training step:
+703 steps (45,000 training images, batch 64) x the median ``run_training_batch`` time.
+
+    python benchmarks/fitloop.py --part ratio --levels 2 --steps-per-level 4 --hidden-channels 64 --batch-size 16
+    python benchmarks/fitloop.py --part epoch-end            # the paper config, L=3 K=32 width 512, batch 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmark import Ours, bits_per_dim, make_step, sync  # noqa: E402
+
+from glow_lightning.cli import main as glow  # noqa: E402
+from glow_lightning.module import make_optimizer  # noqa: E402
+from tests.fixtures import write_cifar10  # noqa: E402
+
+EPOCH_STEPS = 703  # CIFAR-10: 45,000 training images (5,000 held out for validation), batch 64
+END_OF_EPOCH = {  # profiler key -> what it is
+    "[Callback]SampleImages.on_train_epoch_end": "sample grids",
+    "[Callback]ReconstructionImages.on_train_epoch_end": "reconstructions",
+    "[Callback]InterpolationImages.on_train_epoch_end": "interpolations",
+    "[Callback]InvertibilityMonitor.on_validation_epoch_end": "invertibility check",
+}
+
+
+class BatchTimer(L.Callback):
+    """perf_counter at every training batch start (and at the epoch's end), synchronised on CUDA."""
+
+    def __init__(self):
+        self.starts: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        sync(pl_module.device)
+        self.starts.append(time.perf_counter())
+
+
+def fit_args(args, data: str, root: str, batches: int, *extra: str) -> list[str]:
+    return [
+        "fit", "--config", str(ROOT / "configs" / "cifar.yaml"),
+        "--data.data_dir", data, "--data.download", "false", "--data.val_size", str(args.batch_size),
+        "--data.batch_size", str(args.batch_size), "--data.num_workers", str(args.num_workers),
+        "--model.levels", str(args.levels), "--model.steps_per_level", str(args.steps_per_level),
+        "--model.hidden_channels", str(args.hidden_channels), "--model.init_batch_size", str(args.batch_size),
+        "--trainer.accelerator", args.accelerator, "--trainer.devices", "1", "--trainer.precision", args.precision,
+        "--trainer.default_root_dir", root, "--trainer.max_epochs", "1", "--trainer.num_sanity_val_steps", "0",
+        "--trainer.limit_train_batches", str(batches), "--trainer.limit_val_batches", "1",
+        *extra,
+    ]  # fmt: skip
+
+
+def raw_block(step, device, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def ratio(args, data: str, device: torch.device) -> None:
+    model = Ours(args).to(device).train()
+    x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    model.init(x)
+    if args.precision == "bf16-mixed":
+
+        def autocast():
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+    else:
+        from contextlib import nullcontext as autocast
+    step = make_step(model, make_optimizer("adam", model.parameters(), lr=1e-5), x, x[0].numel(), autocast)
+    raw_block(step, device, args.warmup)
+    raw, fit = [], []
+    for round_ in range(args.rounds):
+        raw += raw_block(step, device, args.steps)
+        with tempfile.TemporaryDirectory() as root:
+            cli = glow(fit_args(args, data, root, args.warmup + args.steps + 1,
+                                "--trainer.callbacks+", "__main__.BatchTimer"))  # fmt: skip
+            timer = next(c for c in cli.trainer.callbacks if isinstance(c, BatchTimer))
+            # batch i = starts[i+1] - starts[i]; the last batch (epoch end) has no next start: left out
+            fit += [b - a for a, b in zip(timer.starts[args.warmup :], timer.starts[args.warmup + 1 :])]
+    raw += raw_block(step, device, args.steps)
+    r, f = statistics.median(raw), statistics.mean(fit)
+    print(f"# raw step: {len(raw)} steps in {args.rounds + 1} blocks; fit: {len(fit)} batches in {args.rounds} fits")
+    print(f"{'':<28}{'ms/batch':>10}{'img/s':>10}")
+    print(f"{'raw step (median)':<28}{r * 1e3:>10.2f}{args.batch_size / r:>10.1f}")
+    print(f"{'glow fit batches (mean)':<28}{f * 1e3:>10.2f}{args.batch_size / f:>10.1f}")
+    print(f"{'glow fit batches (median)':<28}{statistics.median(fit) * 1e3:>10.2f}")
+    print(f"# fit / raw throughput: {r / f:.3f} (mean fit batch); overhead {(f - r) * 1e3:.2f} ms per batch")
+
+
+def epoch_end(args, data: str) -> None:
+    with tempfile.TemporaryDirectory() as root:
+        cli = glow(fit_args(args, data, root, args.steps, "--trainer.profiler", "simple"))
+        durations = cli.trainer.profiler.recorded_durations
+    steps = durations["run_training_batch"][1:] or durations["run_training_batch"]  # the first one warms up
+    step = statistics.median(steps)
+    epoch = EPOCH_STEPS * step
+    print(f"# training step (median of {len(steps)}): {step:.3f} s; CIFAR-10 epoch = {EPOCH_STEPS} x step = {epoch:.0f} s")
+    total = 0.0
+    for key, what in END_OF_EPOCH.items():
+        t = sum(durations.get(key, [0.0]))
+        total += t
+        print(f"{what:<22}{t:>9.2f} s{100 * t / epoch:>9.3f} % of the epoch")
+    print(f"{'end-of-epoch work':<22}{total:>9.2f} s{100 * total / epoch:>9.3f} % of the epoch")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["ratio", "epoch-end"], default="ratio")
+    p.add_argument("--levels", type=int, default=None)
+    p.add_argument("--steps-per-level", type=int, default=None)
+    p.add_argument("--hidden-channels", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["32", "bf16-mixed"], default="32")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on CPU")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers of the fit (cifar.yaml: 4)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=None, help="ratio: timed steps per block; epoch-end: fit steps")
+    p.add_argument("--rounds", type=int, default=2, help="ratio: fit blocks (raw blocks: one more)")
+    args = p.parse_args(argv)
+    paper = args.part == "epoch-end"
+    for name, small, big in [("levels", 2, 3), ("steps_per_level", 4, 32), ("hidden_channels", 64, 512),
+                             ("batch_size", 16, 64), ("steps", 60, 3)]:  # fmt: skip
+        if getattr(args, name) is None:
+            setattr(args, name, big if paper else small)
+    device = torch.device(args.device)
+    args.accelerator = "gpu" if device.type == "cuda" else "cpu"
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    print(f"# {args.part}: device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"precision {args.precision}, L={args.levels} K={args.steps_per_level} width={args.hidden_channels} "
+          f"batch={args.batch_size}, DataLoader workers {args.num_workers}")  # fmt: skip
+    with tempfile.TemporaryDirectory() as data:
+        per_batch = -(-args.batch_size * (args.warmup + args.steps + 2) // 5) + args.batch_size
+        write_cifar10(data, per_batch=per_batch, test_size=args.batch_size)
+        ratio(args, data, device) if not paper else epoch_end(args, data)
+
+
+if __name__ == "__main__":
+    main()
