@@ -3,10 +3,11 @@
 ``--part ratio``: images/s of ``glow fit``'s training batches (``configs/cifar.yaml`` with its callbacks: clipping,
 the non-finite guard, the image grids, the invertibility check, the checkpoint, the TensorBoard logger, the
 progress bar; random CIFAR-format images on disk) against the raw training step of ``benchmarks/benchmark.py``
-(forward to bits/dim, backward, GlowModule's optimizer) at the same model and batch size. Raw and fit blocks
-alternate (raw, fit, raw, fit, raw) so load from other processes hits both. A fit batch is the time from one
-``on_train_batch_start`` to the next: data loading, the step, every hook and the logging; the epoch's last batch
-(validation and the end-of-epoch callbacks start there) and the first ``--warmup`` batches are not counted.
+(forward to bits/dim, backward, GlowModule's optimizer) of another model of the same configuration and batch
+size, on a fixed batch. The two alternate inside the fit (after each fit batch, one raw step) so load from other
+processes hits both alike. A fit batch is the time from one ``on_train_batch_start`` to the next, the raw step
+taken out: data loading, the step, every hook and the logging; the epoch's last batch (validation and the
+end-of-epoch callbacks start there) and the first ``--warmup`` batches are not counted.
 
 ``--part epoch-end``: the end-of-epoch work (the three sample grids, reconstructions, interpolations, the
 invertibility check; validation itself not counted) of one short ``glow fit`` at the paper config, from
@@ -33,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from benchmark import Ours, bits_per_dim, make_step, sync  # noqa: E402
+from benchmark import Ours, make_step, sync  # noqa: E402
 
 from glow_lightning.cli import main as glow  # noqa: E402
 from glow_lightning.module import make_optimizer  # noqa: E402
@@ -49,14 +50,37 @@ END_OF_EPOCH = {  # profiler key -> what it is
 
 
 class BatchTimer(L.Callback):
-    """perf_counter at every training batch start (and at the epoch's end), synchronised on CUDA."""
+    """perf_counter at every training batch start (synchronised on CUDA); after each batch from ``warmup`` on,
+    one raw step (``RAW_STEP``) is timed too, and its time is taken out of that batch's interval."""
 
-    def __init__(self):
+    def __init__(self, warmup: int = 0):
+        self.warmup = warmup
         self.starts: list[float] = []
+        self.raw: list[float] = []  # raw step times, one per batch from warmup on
+        self.inserted: list[float] = []  # time spent in the raw step after batch i (0 before warmup)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         sync(pl_module.device)
         self.starts.append(time.perf_counter())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if RAW_STEP is None or batch_idx < self.warmup:
+            self.inserted.append(0.0)
+            return
+        sync(pl_module.device)
+        t0 = time.perf_counter()
+        RAW_STEP()
+        sync(pl_module.device)
+        self.raw.append(time.perf_counter() - t0)
+        self.inserted.append(time.perf_counter() - t0)
+
+    def batches(self) -> list[float]:
+        """Fit batch times from ``warmup`` on, the raw steps taken out; the last batch has no next start."""
+        n = len(self.starts) - 1
+        return [self.starts[i + 1] - self.starts[i] - self.inserted[i] for i in range(self.warmup, n)]
+
+
+RAW_STEP = None  # set by ratio(): the raw step timed between fit batches
 
 
 def fit_args(args, data: str, root: str, batches: int, *extra: str) -> list[str]:
@@ -96,18 +120,23 @@ def ratio(args, data: str, device: torch.device) -> None:
         from contextlib import nullcontext as autocast
     step = make_step(model, make_optimizer("adam", model.parameters(), lr=1e-5), x, x[0].numel(), autocast)
     raw_block(step, device, args.warmup)
+    global RAW_STEP
+    RAW_STEP = step
     raw, fit = [], []
-    for round_ in range(args.rounds):
-        raw += raw_block(step, device, args.steps)
+    for _ in range(args.rounds):
         with tempfile.TemporaryDirectory() as root:
             cli = glow(fit_args(args, data, root, args.warmup + args.steps + 1,
-                                "--trainer.callbacks+", "__main__.BatchTimer"))  # fmt: skip
+                                "--trainer.callbacks+", "__main__.BatchTimer",
+                                "--trainer.callbacks.warmup", str(args.warmup)))  # fmt: skip
+            assert torch.get_num_threads() == args.threads  # the fit ran with the raw step's threads
             timer = next(c for c in cli.trainer.callbacks if isinstance(c, BatchTimer))
-            # batch i = starts[i+1] - starts[i]; the last batch (epoch end) has no next start: left out
-            fit += [b - a for a, b in zip(timer.starts[args.warmup :], timer.starts[args.warmup + 1 :])]
-    raw += raw_block(step, device, args.steps)
+        raw += timer.raw
+        fit += timer.batches()
+        if os.environ.get("FITLOOP_DEBUG"):
+            print("# fit batches ms:", [round(t * 1e3) for t in timer.batches()])
+            print("# raw steps ms:  ", [round(t * 1e3) for t in timer.raw])
     r, f = statistics.median(raw), statistics.mean(fit)
-    print(f"# raw step: {len(raw)} steps in {args.rounds + 1} blocks; fit: {len(fit)} batches in {args.rounds} fits")
+    print(f"# {len(fit)} fit batches in {args.rounds} fit(s), each followed by one raw step (interleaved)")
     print(f"{'':<28}{'ms/batch':>10}{'img/s':>10}")
     print(f"{'raw step (median)':<28}{r * 1e3:>10.2f}{args.batch_size / r:>10.1f}")
     print(f"{'glow fit batches (mean)':<28}{f * 1e3:>10.2f}{args.batch_size / f:>10.1f}")
@@ -122,7 +151,9 @@ def epoch_end(args, data: str) -> None:
     steps = durations["run_training_batch"][1:] or durations["run_training_batch"]  # the first one warms up
     step = statistics.median(steps)
     epoch = EPOCH_STEPS * step
-    print(f"# training step (median of {len(steps)}): {step:.3f} s; CIFAR-10 epoch = {EPOCH_STEPS} x step = {epoch:.0f} s")
+    print(
+        f"# training step (median of {len(steps)}): {step:.3f} s; CIFAR-10 epoch = {EPOCH_STEPS} x step = {epoch:.0f} s"
+    )
     total = 0.0
     for key, what in END_OF_EPOCH.items():
         t = sum(durations.get(key, [0.0]))
@@ -144,17 +175,20 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on CPU")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers of the fit (cifar.yaml: 4)")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--steps", type=int, default=None, help="ratio: timed steps per block; epoch-end: fit steps")
-    p.add_argument("--rounds", type=int, default=2, help="ratio: fit blocks (raw blocks: one more)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="ratio: timed fit batches (and raw steps); epoch-end: fit steps"
+    )
+    p.add_argument("--rounds", type=int, default=1, help="ratio: fits")
     args = p.parse_args(argv)
     paper = args.part == "epoch-end"
     for name, small, big in [("levels", 2, 3), ("steps_per_level", 4, 32), ("hidden_channels", 64, 512),
-                             ("batch_size", 16, 64), ("steps", 60, 3)]:  # fmt: skip
+                             ("batch_size", 16, 64), ("steps", 100, 3)]:  # fmt: skip
         if getattr(args, name) is None:
             setattr(args, name, big if paper else small)
     device = torch.device(args.device)
     args.accelerator = "gpu" if device.type == "cuda" else "cpu"
     torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # else Lightning sets torch's threads to the CPU count in fit
     torch.manual_seed(0)
     os.environ.setdefault("WANDB_MODE", "disabled")
     print(f"# {args.part}: device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "

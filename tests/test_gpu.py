@@ -1,6 +1,7 @@
 """CUDA checks of the fast paths: skipped on a machine without a GPU (CI), run by ``benchmarks/gpu.sh``.
 
-What they check on a GPU that the CPU suite cannot: the flow's training step makes no host-device sync
+What they check on a GPU that the CPU suite cannot: the flow's training step, and `glow fit`'s quiet training
+batches (guard, clipping, logging and progress bar included), make no host-device sync
 (CUDA's own sync detector, not an op list), the CUDA-graph (``reduce-overhead``) and default compiled
 steps give the eager step's loss and gradients, and ``glow fit`` trains in bf16-mixed on the GPU.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import lightning as L
 import pytest
 import torch
 
@@ -62,3 +64,42 @@ def test_glow_fit_bf16_mixed_on_gpu(cifar_dir, tmp_path):
     assert cli.trainer.precision == "bf16-mixed"
     assert torch.isfinite(cli.trainer.callback_metrics["val/bpd"])
     assert os.path.exists(os.path.join(str(tmp_path), "checkpoints", "last.ckpt"))
+
+
+class SyncDebugWindows(L.Callback):
+    """CUDA's sync detector set to "error" from the start of each quiet training batch (not the first, not one that
+    logs, not the epoch's last) to the next batch's start: the batch, its hooks and the loop between batches."""
+
+    def __init__(self):
+        self.checked = 0
+
+    def _off(self):
+        torch.cuda.set_sync_debug_mode("default")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._off()
+        step = trainer.global_step
+        quiet = step > 0 and (step + 1) % trainer.log_every_n_steps and batch_idx < trainer.num_training_batches - 1
+        if quiet:
+            self.checked += 1
+            torch.cuda.set_sync_debug_mode("error")
+
+    def on_validation_start(self, trainer, pl_module):
+        self._off()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._off()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._off()
+
+
+@pytest.mark.parametrize("extra", [[], ["--trainer.precision", "bf16-mixed"], ["--model.optimizer", "adamax"]],
+                         ids=["fp32", "bf16", "adamax"])  # fmt: skip
+def test_glow_fit_training_batches_make_no_sync_on_cuda(cifar_dir, tmp_path, extra):
+    """issue 17 item 2 on the GPU: cifar.yaml's settings (clipping, guard, callbacks, progress bar), debug model."""
+    cli = main(fit_args(cifar_dir, str(tmp_path), "--trainer.accelerator", "gpu", "--trainer.devices", "1",
+                        "--trainer.log_every_n_steps", "3", "--trainer.enable_progress_bar", "true",
+                        "--trainer.callbacks+", "tests.test_gpu.SyncDebugWindows", *extra))  # fmt: skip
+    windows = next(c for c in cli.trainer.callbacks if isinstance(c, SyncDebugWindows))
+    assert windows.checked >= 3 and cli.trainer.global_step == 8
