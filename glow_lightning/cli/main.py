@@ -70,6 +70,7 @@ from ..callbacks import (
 from ..callbacks.preemption import exit_code
 from ..data import GlowDataModule
 from ..data.base import DatasetError
+from ..flow.glow import ARCH_BEFORE_KEY
 from ..io import (
     NotWritableError,
     UnreadableCheckpointError,
@@ -92,7 +93,7 @@ EVALUATION_ONLY = ("iw_samples",)  # model arguments a --ckpt_path does not over
 # model arguments that change how a model trains, not what it is: they never conflict outside fit, and in fit
 # (resume) all but ``optimizer`` apply from the resumed step on (GlowModule.on_train_start)
 TRAINING_KEYS = frozenset(
-    {"optimizer", "lr", "weight_decay", "warmup_steps", "schedule", "y_weight", "max_consecutive_skips",
+    {"optimizer", "lr", "weight_decay", "warmup_steps", "warmup_fraction", "schedule", "y_weight", "max_consecutive_skips",
      "init_batch_size", "compile", "memory_saving", "iw_samples"}
 )  # fmt: skip
 RESUME_CHANGEABLE = TRAINING_KEYS - {"optimizer"}  # the restored optimizer state belongs to its optimizer
@@ -108,7 +109,8 @@ def checkpoint_dir(default_root_dir: str | None) -> str:
 
 def load_checkpoint_hparams(path: str) -> dict:
     """The model hyperparameters stored in a checkpoint, loaded without running any pickled code."""
-    return dict(require_glow_checkpoint(load_checkpoint_file(path), path)["hyper_parameters"])
+    hparams = require_glow_checkpoint(load_checkpoint_file(path), path)["hyper_parameters"]
+    return {**ARCH_BEFORE_KEY, **hparams}  # a key the checkpoint predates: the network it was trained with
 
 
 def find_last(dirpath: str) -> str | None:
