@@ -1,7 +1,8 @@
 """GlowTrainer: Lightning's Trainer plus the ``glow sample / reconstruct / interpolate / manipulate`` subcommands.
 
 LightningCLI turns each method's typed arguments and docstring into ``glow <subcommand> --help``
-(DESIGN.md: extra subcommands are Trainer methods). Each loads the weights of ``--ckpt_path``
+(DESIGN.md: extra subcommands are Trainer methods); the docstring's first line is the subcommand's
+one-line summary in ``glow --help`` (``fit`` / ``validate`` / ``test`` / ``predict`` get ours too). Each loads the weights of ``--ckpt_path``
 (``torch.load(weights_only=True)``: no code in the file runs), works on the trainer's root device
 (the GPU when there is one), writes one PNG grid and prints where. Sampling draws from torch's
 global generator, so ``--seed_everything S`` makes it reproducible.
@@ -12,6 +13,8 @@ Private library API used here (check on upgrades): ``_PLUGIN_INPUT``, the type o
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 
 import lightning as L
@@ -50,6 +53,19 @@ def _with_atomic_checkpoint_io(plugins):
     return [*plugins, AtomicCheckpointIO()]
 
 
+def _summarized(method, summary: str):
+    """A Trainer method under a one-line summary of ours: ``glow --help`` lists each subcommand by its docstring's
+    first line, and Lightning's (``test``: "It's separated from fit to make sure you never run on your") are cut
+    mid-sentence. The signature and the argument docs stay Lightning's."""
+
+    @functools.wraps(method)
+    def subcommand(self, *args, **kwargs):
+        return method(self, *args, **kwargs)
+
+    subcommand.__doc__ = f"{summary}\n\n{inspect.cleandoc(method.__doc__ or '')}"
+    return subcommand
+
+
 class GlowTrainer(L.Trainer):
     """Lightning's Trainer with Glow's image subcommands (``glow sample``, ``reconstruct``, ``interpolate``).
 
@@ -59,6 +75,13 @@ class GlowTrainer(L.Trainer):
 
     def __init__(self, *args, plugins: _PLUGIN_INPUT | list[_PLUGIN_INPUT] | None = None, **kwargs):
         super().__init__(*args, plugins=_with_atomic_checkpoint_io(plugins), **kwargs)
+
+    fit = _summarized(
+        L.Trainer.fit, "Train a Glow; checkpoints, logs and image grids go to --trainer.default_root_dir."
+    )
+    validate = _summarized(L.Trainer.validate, "Report a checkpoint's bits/dim on the validation split.")
+    test = _summarized(L.Trainer.test, "Report a checkpoint's bits/dim on the test split.")
+    predict = _summarized(L.Trainer.predict, "Write each image's bits/dim (and its parts) to a CSV file.")
 
     def _prepare(self, model: L.LightningModule, ckpt_path: str) -> L.LightningModule:
         load_weights(model, ckpt_path)
@@ -311,8 +334,10 @@ class GlowTrainer(L.Trainer):
         ckpt_path: str | None = None,
         weights_only: bool | None = None,
     ) -> dict[str, int]:
-        """Convert the datamodule's splits into litdata shards for streaming (``--data.input_dir`` of
-        StreamingDataModule). Lossless: uint8 pixels, label and image index; needs ``pip install ".[streaming]"``.
+        """Convert the datamodule's splits into litdata shards for streaming (StreamingDataModule).
+
+        The shards are read with ``--data.input_dir`` of StreamingDataModule. Lossless: uint8 pixels, label and
+        image index; needs ``pip install ".[streaming]"``.
 
         Args:
             model: not used (a training config can be passed as it is).
