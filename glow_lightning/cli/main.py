@@ -84,7 +84,7 @@ from ..io import (
 )
 from ..module import CheckpointMismatchError, GlowModule
 from .subcommands import GlowTrainer
-from .tracking import LoggerSaveConfigCallback, wandb_save_dir_in_run
+from .tracking import LoggerSaveConfigCallback, checkpoint_run, wandb_save_dir_in_run
 
 LINKED_FROM_DATA = {
     "num_channels": "in_channels",
@@ -137,7 +137,10 @@ def without_configs(args: list[str]) -> list[str]:
 
 def run_config_of(ckpt_path: str) -> str | None:
     """The ``config.yaml`` that ``glow fit`` saved for the run of ``<run>/checkpoints/X.ckpt``, if there is one."""
-    run = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
+    for log_dir in reversed(checkpoint_run(ckpt_path)["log_dirs"]):  # the checkpoint's own training
+        if os.path.isfile(os.path.join(log_dir, "config.yaml")):
+            return os.path.join(log_dir, "config.yaml")
+    run = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))  # no record: the run's newest
     found = sorted(glob.glob(os.path.join(run, "lightning_logs", "version_*", "config.yaml")), key=os.path.getmtime)
     return found[-1] if found else None
 
