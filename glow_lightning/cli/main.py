@@ -10,6 +10,9 @@
 - The checkpoint callback is registered as ``checkpoint`` (not in ``trainer.callbacks``, which a
   stacked config would replace), with its directory fixed at ``<default_root_dir>/checkpoints``;
   so are the image-grid callbacks (``samples``, ``reconstructions``, ``interpolations``).
+- ``glow --help`` lists each subcommand by one line of its own (GlowTrainer's docstrings); a subcommand's usage
+  line names its own arguments only, and ``--model.help`` / ``--trainer.help`` print one group (jsonargparse's
+  ``--data.help CLASS`` the datamodule's).
 - ``sample``, ``reconstruct``, ``interpolate`` and ``manipulate`` are :class:`~glow_lightning.cli.subcommands.GlowTrainer`
   methods; ``sample`` needs no datamodule (the image shape comes from the checkpoint).
 - With ``--ckpt_path``, the model's hyperparameters come from the checkpoint; a value set
@@ -42,6 +45,7 @@ jsonargparse upgrade):
 
 from __future__ import annotations
 
+import argparse
 import glob
 import inspect
 import os
@@ -81,7 +85,7 @@ from ..io import (
 )
 from ..module import CheckpointMismatchError, GlowModule
 from .subcommands import GlowTrainer
-from .tracking import LoggerSaveConfigCallback, wandb_save_dir_in_run
+from .tracking import LoggerSaveConfigCallback, checkpoint_run, wandb_save_dir_in_run
 
 LINKED_FROM_DATA = {
     "num_channels": "in_channels",
@@ -135,7 +139,10 @@ def without_configs(args: list[str]) -> list[str]:
 
 def run_config_of(ckpt_path: str) -> str | None:
     """The ``config.yaml`` that ``glow fit`` saved for the run of ``<run>/checkpoints/X.ckpt``, if there is one."""
-    run = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
+    for log_dir in reversed(checkpoint_run(ckpt_path)["log_dirs"]):  # the checkpoint's own training
+        if os.path.isfile(os.path.join(log_dir, "config.yaml")):
+            return os.path.join(log_dir, "config.yaml")
+    run = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))  # no record: the run's newest
     found = sorted(glob.glob(os.path.join(run, "lightning_logs", "version_*", "config.yaml")), key=os.path.getmtime)
     return found[-1] if found else None
 
@@ -191,20 +198,66 @@ class GlowArgumentParser(LightningArgumentParser):
         raise SystemExit(2)
 
 
+class GroupHelp(argparse.Action):
+    """``--model.help`` / ``--trainer.help``: print one group's arguments and exit. jsonargparse has
+    ``--data.help CLASS`` for subclass groups (the datamodule) only; the model and trainer are plain class groups."""
+
+    def __init__(
+        self, option_strings, dest, *, key: str, cls: type, skip: set[str] = frozenset(), note: str = "", **kw
+    ):
+        kw.setdefault("help", f"Show the --{key}.* arguments only and exit.")
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kw)
+        self.key, self.cls, self.skip, self.note = key, cls, set(skip), note
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        prog = parser.prog.replace(" [options]", "")
+        group = LightningArgumentParser(
+            prog=prog, usage=f"%(prog)s [--{self.key}.ARG VALUE ...]", description=self.note
+        )
+        if self.skip:
+            group.add_class_arguments(self.cls, self.key, skip=self.skip, fail_untyped=False)
+        else:
+            group.add_lightning_class_args(self.cls, self.key)
+        group.print_help()
+        parser.exit()
+
+
+def short_usage(subcommand: str, trainer_class: type, skip: set[str]) -> str:
+    """``glow SUBCOMMAND``'s usage line with its own arguments only (argparse's lists every trainer, model and
+    data argument: ~100 lines before the subcommand's own)."""
+    own = []
+    for name, param in inspect.signature(getattr(trainer_class, subcommand)).parameters.items():
+        if name in skip or name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        arg = f"--{name} {name.upper()}"
+        own.append(arg if param.default is inspect.Parameter.empty else f"[{arg}]")
+    lines = ["%(prog)s [-h] [-c CONFIG]"]
+    for part in [*own, "[--trainer.* --model.* --data.* ...: see below]"]:
+        if len(lines[-1]) + len(part) + 1 > 96:
+            lines.append("   ")
+        lines[-1] += " " + part
+    return "\n".join(lines)
+
+
 class GlowCLI(LightningCLI):
     """LightningCLI for glow-lightning (``glow --help``)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
-        kwargs.setdefault(
-            "parser_kwargs",
-            {
-                "description": "Train and evaluate Glow normalizing flows. `glow configs` lists the packaged configs "
-                "(`--config cifar.yaml` finds them from any directory)."
-            },
-        )
         kwargs.setdefault("trainer_class", GlowTrainer)
+        parser_kwargs = {
+            "description": "Train and evaluate Glow normalizing flows. `glow configs` lists the packaged configs "
+            "(`--config cifar.yaml` finds them from any directory). `glow SUBCOMMAND --help` shows a subcommand's "
+            "arguments; `glow fit --model.help`, `--trainer.help` or `--data.help CLASS` one group's.",
+            **{
+                name: {"usage": short_usage(name, kwargs["trainer_class"], skip)}
+                for name, skip in self.subcommands().items()
+            },
+        }
+        for key, value in (kwargs.pop("parser_kwargs", None) or {}).items():  # the caller's settings win
+            parser_kwargs[key] = {**parser_kwargs[key], **value} if isinstance(value, dict) else value
+        kwargs["parser_kwargs"] = parser_kwargs
         kwargs.setdefault("parser_class", GlowArgumentParser)
         # the optimizer and schedule are --model.optimizer / lr / warmup_steps / schedule; LightningCLI's own
         # --optimizer / --lr_scheduler would silently replace GlowModule.configure_optimizers (warmup included)
@@ -234,6 +287,12 @@ class GlowCLI(LightningCLI):
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        linked = ", ".join(f"--model.{m} (--data.{d})" for d, m in LINKED_FROM_DATA.items())
+        parser.add_argument(
+            "--model.help", action=GroupHelp, key="model", cls=GlowModule, skip=set(LINKED_FROM_DATA.values()),
+            note=f"GlowModule's arguments. Linked from the datamodule, so set on the data side: {linked}.",
+        )  # fmt: skip
+        parser.add_argument("--trainer.help", action=GroupHelp, key="trainer", cls=self.trainer_class)
         parser.add_lightning_class_args(GlowCheckpoint, "checkpoint")
         parser.add_lightning_class_args(SampleImages, "samples")
         parser.add_lightning_class_args(ReconstructionImages, "reconstructions")

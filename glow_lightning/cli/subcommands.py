@@ -1,9 +1,11 @@
 """GlowTrainer: Lightning's Trainer plus the ``glow sample / reconstruct / interpolate / manipulate`` subcommands.
 
 LightningCLI turns each method's typed arguments and docstring into ``glow <subcommand> --help``
-(DESIGN.md: extra subcommands are Trainer methods). Each loads the weights of ``--ckpt_path``
+(DESIGN.md: extra subcommands are Trainer methods); the docstring's first line is the subcommand's
+one-line summary in ``glow --help`` (``fit`` / ``validate`` / ``test`` / ``predict`` get ours too). Each loads the weights of ``--ckpt_path``
 (``torch.load(weights_only=True)``: no code in the file runs), works on the trainer's root device
-(the GPU when there is one), writes one PNG grid and prints where. Sampling draws from torch's
+(the GPU when there is one), writes one PNG grid and prints where. Each grid has a header row saying what
+it shows (``T=0.7``, ``target | reconstruction``, ...); ``--scale N`` upscales it N times (nearest neighbour). Sampling draws from torch's
 global generator, so ``--seed_everything S`` makes it reproducible.
 
 Private library API used here (check on upgrades): ``_PLUGIN_INPUT``, the type of ``Trainer(plugins=...)``
@@ -12,6 +14,8 @@ Private library API used here (check on upgrades): ``_PLUGIN_INPUT``, the type o
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 
 import lightning as L
@@ -50,6 +54,19 @@ def _with_atomic_checkpoint_io(plugins):
     return [*plugins, AtomicCheckpointIO()]
 
 
+def _summarized(method, summary: str):
+    """A Trainer method under a one-line summary of ours: ``glow --help`` lists each subcommand by its docstring's
+    first line, and Lightning's (``test``: "It's separated from fit to make sure you never run on your") are cut
+    mid-sentence. The signature and the argument docs stay Lightning's."""
+
+    @functools.wraps(method)
+    def subcommand(self, *args, **kwargs):
+        return method(self, *args, **kwargs)
+
+    subcommand.__doc__ = f"{summary}\n\n{inspect.cleandoc(method.__doc__ or '')}"
+    return subcommand
+
+
 class GlowTrainer(L.Trainer):
     """Lightning's Trainer with Glow's image subcommands (``glow sample``, ``reconstruct``, ``interpolate``).
 
@@ -60,6 +77,13 @@ class GlowTrainer(L.Trainer):
     def __init__(self, *args, plugins: _PLUGIN_INPUT | list[_PLUGIN_INPUT] | None = None, **kwargs):
         super().__init__(*args, plugins=_with_atomic_checkpoint_io(plugins), **kwargs)
 
+    fit = _summarized(
+        L.Trainer.fit, "Train a Glow; checkpoints, logs and image grids go to --trainer.default_root_dir."
+    )
+    validate = _summarized(L.Trainer.validate, "Report a checkpoint's bits/dim on the validation split.")
+    test = _summarized(L.Trainer.test, "Report a checkpoint's bits/dim on the test split.")
+    predict = _summarized(L.Trainer.predict, "Write each image's bits/dim (and its parts) to a CSV file.")
+
     def _prepare(self, model: L.LightningModule, ckpt_path: str) -> L.LightningModule:
         load_weights(model, ckpt_path)
         return model.to(self.strategy.root_device).eval()
@@ -67,7 +91,7 @@ class GlowTrainer(L.Trainer):
     @staticmethod
     def _check_output(output: str, **per_row: int) -> None:
         """Before any work: ``--output`` names a PNG file (so it never replaces a checkpoint or a config),
-        and the images-per-row options are positive."""
+        and the images-per-row options (and ``--scale``) are positive."""
         for name, value in per_row.items():
             if value < 1:
                 raise ValueError(f"--{name} must be >= 1, got {value}")
@@ -76,9 +100,9 @@ class GlowTrainer(L.Trainer):
         if os.path.isdir(output):
             raise ValueError(f"--output {output} is a directory; give a file name ending in .png")
 
-    def _write(self, grid: torch.Tensor, output: str, what: str) -> str:
+    def _write(self, grid: torch.Tensor, output: str, what: str, header: str, scale: int) -> str:
         try:
-            save_grid(grid, output)
+            save_grid(grid, output, scale=scale, header=header)
         except OSError as err:
             raise NotWritableError(f"--output {output} cannot be written ({first_line(err)})") from err
         print(f"wrote {what} to {output}")
@@ -97,6 +121,7 @@ class GlowTrainer(L.Trainer):
         label: int | None = None,
         nrow: int = 8,
         output: str = "samples.png",
+        scale: int = 1,
     ) -> str:
         """Draw random images from a trained Glow and save them as a PNG grid.
 
@@ -113,20 +138,25 @@ class GlowTrainer(L.Trainer):
             label: class to draw from, for a class-conditional model (0..num_classes - 1).
             nrow: images per grid row.
             output: the PNG file to write.
+            scale: nearest-neighbour upscaling of the PNG (``4``: each pixel a 4x4 block).
         """
-        self._check_output(output, nrow=nrow)
+        self._check_output(output, nrow=nrow, scale=scale)
         flow = self._prepare(model, ckpt_path).flow
-        labels = None
+        labels, header = None, f"T={temperature:g}"
         if label is not None:
             if not flow.num_classes:
                 raise ValueError(f"--label {label}: this model is unconditional (trained without class labels)")
             if not 0 <= label < flow.num_classes:
                 raise ValueError(f"--label {label} is out of range: this model has classes 0..{flow.num_classes - 1}")
             labels = torch.full((num_samples,), label, dtype=torch.long, device=flow.device)
+            names = getattr(datamodule, "classes", None) or []
+            header += f", class {label}" + (f" ({names[label]})" if label < len(names) else "")
         elif flow.num_classes:  # one class per column
             labels = torch.arange(num_samples, device=flow.device) % flow.num_classes
+            header += f", classes 0-{flow.num_classes - 1} in turn"
         images = flow.sample(num_samples, temperature=temperature, labels=labels)
-        return self._write(image_grid(images, flow.n_bits, nrow), output, f"{num_samples} samples at T={temperature:g}")
+        grid = image_grid(images, flow.n_bits, nrow)
+        return self._write(grid, output, f"{num_samples} samples at T={temperature:g}", header, scale)
 
     @torch.no_grad()
     def reconstruct(
@@ -140,6 +170,7 @@ class GlowTrainer(L.Trainer):
         split: Split = "val",
         pairs_per_row: int = 4,
         output: str = "reconstructions.png",
+        scale: int = 1,
     ) -> str:
         """Encode and decode real images; save targets and reconstructions side by side as a PNG grid.
 
@@ -155,12 +186,14 @@ class GlowTrainer(L.Trainer):
             split: ``val`` or ``test`` (or ``train``) split of the datamodule.
             pairs_per_row: (target, reconstruction) pairs per grid row.
             output: the PNG file to write.
+            scale: nearest-neighbour upscaling of the PNG.
         """
-        self._check_output(output, pairs_per_row=pairs_per_row)
+        self._check_output(output, pairs_per_row=pairs_per_row, scale=scale)
         flow = self._prepare(model, ckpt_path).flow
         batch = self._images(datamodule, split, num_images, flow.device)
         grid = reconstruction_grid(flow, batch["bins"], labels_of(flow, batch), pairs_per_row)
-        return self._write(grid, output, f"{len(batch['bins'])} {split} images and reconstructions")
+        what = f"{len(batch['bins'])} {split} images and reconstructions"
+        return self._write(grid, output, what, "target | reconstruction", scale)
 
     @torch.no_grad()
     def interpolate(
@@ -175,6 +208,7 @@ class GlowTrainer(L.Trainer):
         method: Interpolation = "linear",
         split: Split = "val",
         output: str = "interpolations.png",
+        scale: int = 1,
     ) -> str:
         """Decode images along paths between the latents of pairs of real images; one grid row per pair.
 
@@ -192,10 +226,11 @@ class GlowTrainer(L.Trainer):
             method: ``linear`` or ``spherical`` (slerp) interpolation of every level's latents.
             split: ``val`` or ``test`` (or ``train``) split of the datamodule.
             output: the PNG file to write.
+            scale: nearest-neighbour upscaling of the PNG.
         """
         if pairs < 1 or steps < 2:
             raise ValueError(f"--pairs must be >= 1 and --steps >= 2, got {pairs} and {steps}")
-        self._check_output(output)
+        self._check_output(output, scale=scale)
         flow = self._prepare(model, ckpt_path).flow
         batch = self._images(datamodule, split, 2 * pairs, flow.device)
         if batch["bins"].shape[0] < 2 * pairs:
@@ -203,7 +238,7 @@ class GlowTrainer(L.Trainer):
                 f"--pairs {pairs} needs {2 * pairs} images; the {split!r} split has {batch['bins'].shape[0]}"
             )
         grid = interpolation_grid(flow, batch["bins"], steps, method, labels_of(flow, batch))
-        return self._write(grid, output, f"{pairs} {method} interpolations")
+        return self._write(grid, output, f"{pairs} {method} interpolations", f"{method} interpolation", scale)
 
     @torch.no_grad()
     def manipulate(
@@ -219,6 +254,7 @@ class GlowTrainer(L.Trainer):
         strengths: list[float] = [-1.5, -0.75, 0.0, 0.75, 1.5],  # noqa: B006 (jsonargparse needs the list)
         split: Split = "val",
         output: str = "manipulations.png",
+        scale: int = 1,
     ) -> str:
         """Edit real images along an attribute's direction in standardized latent space (Glow paper, section 5).
 
@@ -240,8 +276,9 @@ class GlowTrainer(L.Trainer):
             strengths: multiples of the direction added, one grid column each.
             split: ``val`` or ``test`` (or ``train``) split of the images to edit.
             output: the PNG file to write.
+            scale: nearest-neighbour upscaling of the PNG.
         """
-        self._check_output(output, num_images=num_images, direction_images=direction_images)
+        self._check_output(output, num_images=num_images, direction_images=direction_images, scale=scale)
         if not strengths:
             raise ValueError("--strengths must hold at least one number")
         flow = self._prepare(model, ckpt_path).flow
@@ -256,7 +293,7 @@ class GlowTrainer(L.Trainer):
         images = flow.manipulate(bins_to_unit(batch["bins"], flow.n_bits), vectors, strengths, labels_of(flow, batch))
         grid = image_grid(images, flow.n_bits, len(strengths))
         header = f"{name}: strengths {', '.join(f'{s:g}' for s in strengths)}"
-        return self._write(with_header(grid, header), output, f"{len(batch['bins'])} images edited along {header}")
+        return self._write(grid, output, f"{len(batch['bins'])} images edited along {header}", header, scale)
 
     def _direction(self, flow, datamodule, attribute, per_side: int, ckpt_path: str, output: str):
         """Compute and save the attribute direction from the datamodule's labelled training images."""
@@ -311,8 +348,10 @@ class GlowTrainer(L.Trainer):
         ckpt_path: str | None = None,
         weights_only: bool | None = None,
     ) -> dict[str, int]:
-        """Convert the datamodule's splits into litdata shards for streaming (``--data.input_dir`` of
-        StreamingDataModule). Lossless: uint8 pixels, label and image index; needs ``pip install ".[streaming]"``.
+        """Convert the datamodule's splits into litdata shards for streaming (StreamingDataModule).
+
+        The shards are read with ``--data.input_dir`` of StreamingDataModule. Lossless: uint8 pixels, label and
+        image index; needs ``pip install ".[streaming]"``.
 
         Args:
             model: not used (a training config can be passed as it is).
@@ -365,16 +404,3 @@ def resolve_attribute(datamodule, attribute: str | None) -> tuple[str, int]:
         return str(attribute), int(attribute)
     known = f"classes 0..{classes - 1}" + (f" or {', '.join(names)}" if names else "") if classes else "no labels"
     raise ValueError(f"--attribute {attribute} is not a class of {type(datamodule).__name__} (it has {known})")
-
-
-def with_header(grid: torch.Tensor, text: str, height: int = 14) -> torch.Tensor:
-    """A (3, H, W) grid with a white band of ``height`` pixels on top holding ``text`` in black; a grid
-    narrower than the text is padded with white on the right."""
-    from PIL import Image, ImageDraw
-    from torchvision.transforms.functional import pil_to_tensor
-
-    width = max(grid.shape[2], int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text)) + 4)
-    band = Image.new("RGB", (width, height), "white")
-    ImageDraw.Draw(band).text((2, 1), text, fill="black")
-    grid = torch.nn.functional.pad(grid.cpu(), (0, width - grid.shape[2]), value=1.0)
-    return torch.cat([pil_to_tensor(band).float() / 255, grid], dim=1)
