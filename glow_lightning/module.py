@@ -2,7 +2,8 @@
 
 It holds no flow maths: the loss is the flow's bits/dim (Kingma & Dhariwal, 2018, section 5), the
 optimizer is Adam (or Adamax) with linear warmup (the paper's lr 1e-3 with warmup), and ActNorm's
-data-dependent initialisation runs once, at the start of fit, from training data (DESIGN.md rule 1).
+data-dependent initialisation runs once, at the start of fit, from training data (DESIGN.md rule 1), unless
+the weights come from another run's checkpoint (the warm start, ``init_weights``).
 An update whose loss or gradients are not finite is skipped on every rank and counted
 (``train/skipped_steps``); too many in a row stop training: the
 :class:`~glow_lightning.callbacks.nonfinite.NonFiniteGuard` callback, which ``configure_callbacks`` adds.
@@ -100,8 +101,9 @@ class GlowModule(L.LightningModule):
         init_weights: warm start: a ``glow fit`` checkpoint (``.ckpt``, local path or fsspec URL) whose weights
             this run starts from, with a fresh optimizer, schedule and step count (global step 0); its
             architecture must match, and its ActNorm counts as initialised (no data-dependent init). From an
-            EMA run, the checkpoint's ``state_dict``, i.e. the EMA weights, are taken. Ignored when a fit
-            resumes from a checkpoint (``--ckpt_path``).
+            EMA run, the checkpoint's ``state_dict``, i.e. the EMA weights, are taken. Not loaded when a fit
+            resumes (``--ckpt_path``): the ``glow`` command refuses the two together, unless the checkpoint's run
+            was itself warm-started from this file (the same command plus ``--ckpt_path last``).
     """
 
     def __init__(

@@ -365,7 +365,7 @@ class GlowCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Check the output directories; load the warm start's weights (``--model.init_weights``) now, so that a
-        missing or unfitting file is a one-line argument error before any data is read."""
+        missing or unfitting file is a one-line argument error before training starts."""
         self._check_output_dirs()
         path = self.model.hparams.get("init_weights")
         if not path or self.config_init["fit"].get("ckpt_path"):
