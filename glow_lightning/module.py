@@ -2,7 +2,8 @@
 
 It holds no flow maths: the loss is the flow's bits/dim (Kingma & Dhariwal, 2018, section 5), the
 optimizer is Adam (or Adamax) with linear warmup (the paper's lr 1e-3 with warmup), and ActNorm's
-data-dependent initialisation runs once, at the start of fit, from training data (DESIGN.md rule 1).
+data-dependent initialisation runs once, at the start of fit, from training data (DESIGN.md rule 1), unless
+the weights come from another run's checkpoint (the warm start, ``init_weights``).
 An update whose loss or gradients are not finite is skipped on every rank and counted
 (``train/skipped_steps``); too many in a row stop training: the
 :class:`~glow_lightning.callbacks.nonfinite.NonFiniteGuard` callback, which ``configure_callbacks`` adds.
@@ -25,10 +26,15 @@ from typing_extensions import override
 
 from .callbacks.nonfinite import NonFiniteGuard
 from .flow import Glow
+from .flow.checks import first_line
 from .flow.dequantization import VariationalDequantizer, dequantize, unit_noise
 from .flow.glow import ARCH_KEYS, CompileMode, checkpoint_arch
 from .flow.layers import Coupling, CouplingNorm, Permutation
+from .io import load_checkpoint_file, require_glow_checkpoint
 from .metrics import BitsPerDim
+
+# the hyperparameters a checkpoint's weights depend on: the flow's, and the variational dequantizer (a module)
+ARCH_CHECKED = (*ARCH_KEYS, "dequantization")
 
 
 @rank_zero_only
@@ -106,6 +112,12 @@ class GlowModule(L.LightningModule):
             ~1.3x the step time); ``invert``: keep only each level's output and rebuild every step's input with
             its inverse in the backward pass (reversible backprop: activation memory O(1) in depth, ~1/40 of
             plain at the paper config, ~1.4-1.5x the step time). See BENCHMARKS.md.
+        init_weights: warm start: a ``glow fit`` checkpoint (``.ckpt``, local path or fsspec URL) whose weights
+            this run starts from, with a fresh optimizer, schedule and step count (global step 0); its
+            architecture must match, and its ActNorm counts as initialised (no data-dependent init). From an
+            EMA run, the checkpoint's ``state_dict``, i.e. the EMA weights, are taken. Not loaded when a fit
+            resumes (``--ckpt_path``): the ``glow`` command refuses the two together, unless the checkpoint's run
+            was itself warm-started from this file (the same command plus ``--ckpt_path last``).
     """
 
     def __init__(
@@ -135,6 +147,7 @@ class GlowModule(L.LightningModule):
         max_consecutive_skips: int = 10,
         compile: bool | CompileMode = False,
         memory_saving: bool | Literal["recompute", "invert"] = False,
+        init_weights: str | None = None,
     ):
         super().__init__()
         if not lr > 0:
@@ -163,6 +176,7 @@ class GlowModule(L.LightningModule):
         if num_classes:  # classification accuracy of the top-latent classifier
             self.val_acc = MulticlassAccuracy(num_classes, average="micro")
             self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._initial_weights_loaded = False  # the warm start happens once (load_initial_weights)
         self.skipped_steps = 0  # set by the NonFiniteGuard callback, which keeps (and saves) the counts
         self.lr_plan: dict[str, Any] | None = None  # the resolved warmup and schedule length (see resolve_lr_plan)
         self._loaded_lr_plan: dict[str, Any] | None = None
@@ -268,7 +282,10 @@ class GlowModule(L.LightningModule):
     # ------------------------------------------------------------ data init
     @override
     def on_fit_start(self) -> None:
-        """ActNorm's data-dependent init: once, on training data, identical on every rank; not on resume."""
+        """The warm start (``init_weights``), then ActNorm's data-dependent init: once, on training data, identical
+        on every rank; neither on resume. Weights from a warm start count as initialised."""
+        if self.hparams.init_weights and self.trainer.ckpt_path is None and not self._initial_weights_loaded:
+            self.load_initial_weights(self.hparams.init_weights)
         if self.flow.is_initialized:
             return
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -447,19 +464,54 @@ class GlowModule(L.LightningModule):
         if self.lr_plan is not None:
             checkpoint["lr_plan"] = dict(self.lr_plan)
 
-    @override
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another architecture, naming the hyperparameters that differ."""
-        self._loaded_lr_plan = checkpoint.get("lr_plan")
-        saved = checkpoint_arch(checkpoint.get("hyper_parameters", {}))
+    def load_initial_weights(self, path: str) -> None:
+        """Warm start: copy the weights of the ``glow fit`` checkpoint ``path`` into this module.
+
+        Takes the checkpoint's ``state_dict`` (with EMA, the averaged weights), ActNorm's ``initialized`` flags
+        included; the optimizer, schedule and step count are this run's. Raises FileNotFoundError,
+        :class:`~glow_lightning.io.UnreadableCheckpointError` (not a readable glow checkpoint) or
+        :class:`CheckpointMismatchError` (another architecture), each one line naming ``path``.
+        """
+        ckpt = require_glow_checkpoint(load_checkpoint_file(path), path)
+        problem = self._checkpoint_problem(ckpt)
+        if problem:
+            raise CheckpointMismatchError(f"{path}: {problem}")
+        try:
+            self.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as err:  # missing or unexpected keys: torch's message spans many lines
+            raise CheckpointMismatchError(f"{path}: its weights do not fit this model ({first_line(err)})") from err
+        self._initial_weights_loaded = True
+
+    def _checkpoint_problem(self, checkpoint: dict[str, Any]) -> str | None:
+        """Why ``checkpoint``'s weights do not fit this model (another architecture, or tensors that contradict
+        its hyperparameters), in one line; None if they fit."""
+        hparams = checkpoint.get("hyper_parameters", {})
+        saved = checkpoint_arch(hparams) | {k: hparams[k] for k in ARCH_CHECKED if k in hparams and k not in ARCH_KEYS}
         differ = {k: (v, self.hparams[k]) for k, v in saved.items() if v != self.hparams[k]}
         if differ:
             lines = ", ".join(f"{k}: checkpoint {a!r} vs this model {b!r}" for k, (a, b) in differ.items())
-            raise CheckpointMismatchError(f"the checkpoint was trained with another architecture ({lines})")
+            return f"the checkpoint was trained with another architecture ({lines})"
         own = self.state_dict()
         for key, value in checkpoint.get("state_dict", {}).items():
             if key in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[key].shape):
-                raise CheckpointMismatchError(
+                return (
                     f"the checkpoint's weights do not fit its hyperparameters: {key} has shape {tuple(value.shape)}, "
                     f"the model built from them {tuple(own[key].shape)} (a checkpoint edited or written by other code)"
                 )
+        return None
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another architecture, naming the hyperparameters that differ.
+
+        A resume with another ``optimizer`` (Adam <-> Adamax, whose states do not fit each other) starts a fresh
+        optimizer state: the checkpoint's ``optimizer_states`` are dropped (Lightning then restores none; the
+        step count, schedule position and everything else resume as usual).
+        """
+        self._loaded_lr_plan = checkpoint.get("lr_plan")
+        problem = self._checkpoint_problem(checkpoint)
+        if problem:
+            raise CheckpointMismatchError(problem)
+        saved_optimizer = checkpoint.get("hyper_parameters", {}).get("optimizer", "adam")
+        if saved_optimizer != self.hparams.optimizer and "optimizer_states" in checkpoint:
+            checkpoint["optimizer_states"] = []  # Strategy.load_optimizer_state_dict zips it with the optimizers

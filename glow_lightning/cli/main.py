@@ -24,7 +24,9 @@
 - A fit stopped by SIGTERM / SIGINT (GlowCheckpoint has written ``last.ckpt``) exits with 143 / 130 and
   one line naming the checkpoint and ``--ckpt_path last``.
 - On a fit resume, training settings (:data:`TRAINING_KEYS`) may differ from the checkpoint: they apply
-  from the resumed step on (one ``glow: resuming with ...`` line); architecture values may not.
+  from the resumed step on (one ``glow: resuming with ...`` line; another ``optimizer`` starts a fresh
+  optimizer state); architecture values may not. ``--model.init_weights`` (a warm start: weights only,
+  step 0) is loaded before fit and refused together with a ``--ckpt_path`` of another run.
 
 Private library API used here, each for want of a public hook (check these on a Lightning or
 jsonargparse upgrade):
@@ -95,14 +97,21 @@ LINKED_FROM_DATA = {
 }
 EVALUATION_ONLY = ("iw_samples",)  # model arguments a --ckpt_path does not override
 # model arguments that change how a model trains, not what it is: they never conflict outside fit, and in fit
-# (resume) all but ``optimizer`` apply from the resumed step on (GlowModule.on_train_start)
+# (resume) they apply from the resumed step on (GlowModule.on_train_start; another ``optimizer`` starts a fresh
+# optimizer state, GlowModule.on_load_checkpoint), all but ``init_weights``, a warm start, which a resume refuses
 TRAINING_KEYS = frozenset(
-    {"optimizer", "lr", "weight_decay", "warmup_steps", "warmup_fraction", "schedule", "y_weight", "max_consecutive_skips",
-     "init_batch_size", "compile", "memory_saving", "iw_samples"}
+    {"optimizer", "lr", "weight_decay", "warmup_steps", "warmup_fraction", "schedule", "y_weight",
+     "max_consecutive_skips", "init_batch_size", "compile", "memory_saving", "iw_samples", "init_weights"}
 )  # fmt: skip
-RESUME_CHANGEABLE = TRAINING_KEYS - {"optimizer"}  # the restored optimizer state belongs to its optimizer
+RESUME_CHANGEABLE = TRAINING_KEYS - {"init_weights"}
+SPECIAL_CKPT_PATHS = ("best", "hpc", "registry")  # Lightning's own --ckpt_path values
 IMAGE_SUBCOMMANDS = ("sample", "reconstruct", "interpolate", "prepare", "manipulate")  # GlowTrainer methods
 NEEDS_NO_DATA = ("sample",)
+
+
+def shown(value) -> str:
+    """A hyperparameter's value in a message: strings as they are typed (``adamax``), the rest as ``repr``."""
+    return value if isinstance(value, str) else repr(value)
 
 
 def checkpoint_dir(default_root_dir: str | None) -> str:
@@ -317,7 +326,10 @@ class GlowCLI(LightningCLI):
             if ckpt_path is None and subcommand != "fit":
                 self._parser(subcommand).error(f"--ckpt_path last: there is no {join(dirpath, 'last.ckpt')}")
             # fit: nothing to resume yet, start from scratch (set-and-forget for preemptible jobs)
-        if not ckpt_path or ckpt_path in ("best", "hpc", "registry"):
+        init_weights = self.config[subcommand].model.get("init_weights") if subcommand == "fit" else None
+        if init_weights and ckpt_path in SPECIAL_CKPT_PATHS:
+            self._refuse_warm_start_and_resume(init_weights, ckpt_path)
+        if not ckpt_path or ckpt_path in SPECIAL_CKPT_PATHS:
             return
         try:
             hparams = load_checkpoint_hparams(ckpt_path)
@@ -325,6 +337,8 @@ class GlowCLI(LightningCLI):
             self._parser(subcommand).error(f"--ckpt_path {ckpt_path}: no such checkpoint file")
         except UnreadableCheckpointError as err:  # truncated, corrupt, or holding code to run
             self._parser(subcommand).error(f"--ckpt_path {err}")
+        if init_weights and init_weights != hparams.get("init_weights"):  # the same value: the same run resuming
+            self._refuse_warm_start_and_resume(init_weights, ckpt_path)
         defaults = {k: p.default for k, p in inspect.signature(GlowModule.__init__).parameters.items()}
         model_config = self.config[subcommand].model
         explicit = self._explicit_model_keys(subcommand)
@@ -335,20 +349,25 @@ class GlowCLI(LightningCLI):
             if key not in defaults or key in LINKED_FROM_DATA.values() or key in EVALUATION_ONLY:
                 continue  # linked values are checked against the checkpoint when it is loaded
             given = model_config.get(key, defaults[key])
+            if key == "init_weights" and not evaluating:  # checked above: resuming never loads it
+                updates[key] = saved
+                continue
             if evaluating and key in TRAINING_KEYS:
                 if key not in on_command_line:
                     updates[key] = saved
                 continue
             if given != saved and (key in on_command_line or (not evaluating and given != defaults[key])):
                 if not evaluating and key in RESUME_CHANGEABLE:  # applies from the resumed step on
-                    changed.append(f"{key} {given!r} (checkpoint: {saved!r})")
+                    changed.append(f"{key} {shown(given)} (checkpoint: {shown(saved)})")
                     continue
                 conflicts.append(f"--model.{key}={given!r} (checkpoint: {saved!r})")
             elif given != saved and key in explicit:
                 yielded.append(f"{key}={saved!r} (config: {given!r})")
             updates[key] = saved
         if changed and subcommand == "fit" and rank_zero_only.rank == 0:
-            print(f"glow: resuming with {', '.join(changed)}", flush=True)
+            changed.sort(key=lambda change: change.startswith("optimizer "))  # last, with what it means
+            fresh = ": the optimizer state starts fresh" if changed[-1].startswith("optimizer ") else ""
+            print(f"glow: resuming with {', '.join(changed)}{fresh}", flush=True)
         if conflicts:
             run_config = run_config_of(ckpt_path)
             self._parser(subcommand).error(
@@ -362,6 +381,13 @@ class GlowCLI(LightningCLI):
             updates.update({key: hparams[key] for key in LINKED_FROM_DATA.values() if key in hparams})
         for key, value in updates.items():
             model_config[key] = value
+
+    def _refuse_warm_start_and_resume(self, init_weights: str, ckpt_path: str) -> None:
+        self._parser("fit").error(
+            f"--model.init_weights {init_weights} and --ckpt_path {ckpt_path}: a warm start begins a new run at "
+            f"global step 0 from the weights of {init_weights}, --ckpt_path resumes the run of {ckpt_path}; "
+            "give only one of them"
+        )
 
     def _explicit_model_keys(self, subcommand: str, command_line_only: bool = False) -> set[str]:
         """The ``--model.*`` keys set on the command line or in a config (only on the command line, with
@@ -396,7 +422,21 @@ class GlowCLI(LightningCLI):
         if self.subcommand == "fit" and self.trainer.checkpoint_callback is not None:
             check_writable(self.trainer.checkpoint_callback.dirpath, "--checkpoint.dirpath")
 
-    before_fit = before_validate = before_test = before_predict = _check_output_dirs
+    before_validate = before_test = before_predict = _check_output_dirs
+
+    def before_fit(self) -> None:
+        """Check the output directories; load the warm start's weights (``--model.init_weights``) now, so that a
+        missing or unfitting file is a one-line argument error before training starts."""
+        self._check_output_dirs()
+        path = self.model.hparams.get("init_weights")
+        if not path or self.config_init["fit"].get("ckpt_path"):
+            return
+        try:
+            self.model.load_initial_weights(path)
+        except FileNotFoundError:
+            self._parser("fit").error(f"--model.init_weights {path}: no such checkpoint file")
+        except (UnreadableCheckpointError, CheckpointMismatchError) as err:
+            self._parser("fit").error(f"--model.init_weights {err}")
 
     @override
     def before_instantiate_classes(self) -> None:
