@@ -100,7 +100,11 @@ def bare_worker(args, impl: str, seed: int) -> dict:
     loader = dm.train_dataloader()
     steps, epoch, start = 0, 0, time.perf_counter()
     budget = args.minutes * 60
-    while time.perf_counter() - start < budget:
+
+    def done() -> bool:
+        return steps >= args.steps if args.steps else time.perf_counter() - start >= budget
+
+    while not done():
         loader.sampler.set_epoch(epoch) if hasattr(loader.sampler, "set_epoch") else None
         for raw in loader:
             x = dm.prepare_batch(raw, train=True, epoch=epoch)["x"]
@@ -111,7 +115,7 @@ def bare_worker(args, impl: str, seed: int) -> dict:
             opt.step()
             sched.step()
             steps += 1
-            if time.perf_counter() - start >= budget:
+            if done():
                 break
         epoch += 1
     train_s = time.perf_counter() - start
@@ -140,14 +144,13 @@ def fit_worker(args, seed: int) -> dict:
         "--model.levels", str(args.levels), "--model.steps_per_level", str(args.steps_per_level),
         "--model.hidden_channels", str(args.hidden_channels),
     ]  # fmt: skip
-    duration = f"00:00:{int(minutes) // 60:02d}:{int(minutes) % 60:02d}" if minutes == int(minutes) else None
-    if duration is None:
-        seconds = int(round(minutes * 60))
-        duration = f"00:00:{seconds // 60:02d}:{seconds % 60:02d}"
+    seconds = int(round(minutes * 60))
+    duration = f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"  # DD:HH:MM:SS
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled"}
     fit = [
         sys.executable, "-m", "glow_lightning.cli", "fit", *common, *arch, "--seed_everything", str(seed),
-        "--trainer.max_time", duration, "--trainer.enable_progress_bar", "false", *shlex.split(args.fit_args),
+        *(["--trainer.max_steps", str(args.steps)] if args.steps else ["--trainer.max_time", duration]),
+        "--trainer.enable_progress_bar", "false", *shlex.split(args.fit_args),
     ]  # fmt: skip
     start = time.perf_counter()
     out = subprocess.run(fit, env=env, capture_output=True, text=True)
@@ -177,6 +180,7 @@ def main() -> None:
     p.add_argument("--config", default="mnist.yaml", help="the shipped config that `fit` starts from")
     p.add_argument("--impl", nargs="+", default=["fit", "bare", "normflows"], choices=["fit", "bare", "normflows"])
     p.add_argument("--minutes", type=float, default=10.0, help="wall-clock training budget per run")
+    p.add_argument("--steps", type=int, default=0, help="a fixed number of steps instead of --minutes (A/B per step)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--parallel", action="store_true", help="run every (impl, seed) at once")
@@ -215,7 +219,8 @@ def main() -> None:
         found = [line[4:] for line in text.splitlines() if line.startswith("ROW ")]
         rows.append(json.loads(found[-1]) if found else {"impl": impl, "seed": seed, "error": "no result"})
     load = os.getloadavg()[0]
-    print(f"| impl | seed | steps in {args.minutes:g} min | test bits/dim |   (load at end {load:.1f})")
+    budget = f"{args.steps} steps: s" if args.steps else f"steps in {args.minutes:g} min"
+    print(f"| impl | seed | {budget} | test bits/dim |   (load at end {load:.1f})")
     print("|---|---|---|---|")
     for row in rows:
         bpd = f"{row['test_bpd']:.3f}" if "test_bpd" in row else row.get("error")
@@ -226,7 +231,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "a") as f:
             for row in rows:
-                f.write(json.dumps({**row, "minutes": args.minutes, "threads": args.threads,
+                f.write(json.dumps({**row, "minutes": args.minutes, "fixed_steps": args.steps, "threads": args.threads,
                                     "fit_args": args.fit_args, "parallel": args.parallel}) + "\n")  # fmt: skip
 
 
