@@ -9,11 +9,11 @@
   set once, on the data side.
 - The checkpoint callback is registered as ``checkpoint`` (not in ``trainer.callbacks``, which a
   stacked config would replace), with its directory fixed at ``<default_root_dir>/checkpoints``;
-  so are the image-grid callbacks (``samples``, ``reconstructions``, ``interpolations``).
+  so are the image-grid callbacks (``samples``, ``reconstructions``, ``interpolations``) and ``val_fid``.
 - ``glow --help`` lists each subcommand by one line of its own (GlowTrainer's docstrings); a subcommand's usage
   line names its own arguments only, and ``--model.help`` / ``--trainer.help`` print one group (jsonargparse's
   ``--data.help CLASS`` the datamodule's).
-- ``sample``, ``reconstruct``, ``interpolate`` and ``manipulate`` are :class:`~glow_lightning.cli.subcommands.GlowTrainer`
+- ``sample``, ``reconstruct``, ``interpolate``, ``manipulate`` and ``fid`` are :class:`~glow_lightning.cli.subcommands.GlowTrainer`
   methods; ``sample`` needs no datamodule (the image shape comes from the checkpoint).
 - With ``--ckpt_path``, the model's hyperparameters come from the checkpoint; a value set
   explicitly (on the command line or in a config) that contradicts the checkpoint is an error.
@@ -64,6 +64,7 @@ from typing_extensions import override
 
 from .. import __version__
 from ..callbacks import (
+    FIDMonitor,
     GlowCheckpoint,
     GlowEMA,
     InterpolationImages,
@@ -77,6 +78,7 @@ from ..callbacks.preemption import exit_code
 from ..data import GlowDataModule
 from ..data.base import DatasetError
 from ..flow.glow import ARCH_BEFORE_KEY
+from ..fid import FeatureExtractorError
 from ..io import (
     NotWritableError,
     UnreadableCheckpointError,
@@ -105,7 +107,7 @@ TRAINING_KEYS = frozenset(
 )  # fmt: skip
 RESUME_CHANGEABLE = TRAINING_KEYS - {"init_weights"}
 SPECIAL_CKPT_PATHS = ("best", "hpc", "registry")  # Lightning's own --ckpt_path values
-IMAGE_SUBCOMMANDS = ("sample", "reconstruct", "interpolate", "prepare", "manipulate")  # GlowTrainer methods
+IMAGE_SUBCOMMANDS = ("sample", "reconstruct", "interpolate", "prepare", "manipulate", "fid")  # GlowTrainer methods
 NEEDS_NO_DATA = ("sample",)
 
 
@@ -307,6 +309,7 @@ class GlowCLI(LightningCLI):
         parser.add_lightning_class_args(ReconstructionImages, "reconstructions")
         parser.add_lightning_class_args(InterpolationImages, "interpolations")
         parser.add_lightning_class_args(InvertibilityMonitor, "invertibility")
+        parser.add_lightning_class_args(FIDMonitor, "val_fid")  # off unless --val_fid.every_n_epochs is set
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
         parser.add_lightning_class_args(GlowEMA, "ema")  # off unless --ema.decay is set
         parser.add_lightning_class_args(LikelihoodWriter, "prediction_writer")  # glow predict -> CSV
@@ -532,6 +535,7 @@ def main(args: list[str] | None = None) -> GlowCLI | None:
         DatasetError,
         UnreadableCheckpointError,
         NonFiniteTrainingError,
+        FeatureExtractorError,
     ) as err:
         print(f"glow: error: {err}", file=sys.stderr)
         raise SystemExit(1) from err

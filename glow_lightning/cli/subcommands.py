@@ -1,4 +1,4 @@
-"""GlowTrainer: Lightning's Trainer plus the ``glow sample / reconstruct / interpolate / manipulate`` subcommands.
+"""GlowTrainer: Lightning's Trainer plus the ``glow sample / reconstruct / interpolate / manipulate / fid`` subcommands.
 
 LightningCLI turns each method's typed arguments and docstring into ``glow <subcommand> --help``
 (DESIGN.md: extra subcommands are Trainer methods); the docstring's first line is the subcommand's
@@ -336,6 +336,100 @@ class GlowTrainer(L.Trainer):
         torch.save(payload, path)
         print(f"direction of {name} from {counts[True]} images with and {counts[False]} without: {path}")
         return name, vectors
+
+    @torch.no_grad()
+    def fid(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule | None = None,
+        *,
+        ckpt_path: str,
+        weights_only: bool | None = None,
+        num_samples: int = 10_000,
+        temperature: float = 1.0,
+        split: Split = "test",
+        batch_size: int = 250,
+        feature: int | str = 2048,
+        feature_weights: str | None = None,
+        kid_subsets: int = 100,
+        kid_subset_size: int = 1000,
+        cache_dir: str | None = None,
+    ) -> dict:
+        """FID and KID of samples against the real images of ``split`` (torchmetrics; ``pip install '.[fid]'``).
+
+        Samples are drawn with the checkpoint's ``state_dict`` weights (the EMA weights when EMA was on); a
+        class-conditional model's labels are drawn uniformly over its classes. The split's features are
+        cached under ``--cache_dir``. Published FIDs use ``--num_samples 50000``; smaller N gives larger FIDs.
+
+        Args:
+            model: the GlowModule (architecture from the checkpoint).
+            datamodule: the real images (the training config, ``--config``, or ``--data``).
+            ckpt_path: checkpoint of a ``glow fit`` run, or ``last`` (``<default_root_dir>/checkpoints/last.ckpt``).
+            weights_only: accepted so that the ``config.yaml`` a fit saved can be passed as it is; checkpoints are
+                always loaded with ``weights_only=True``.
+            num_samples: samples drawn (N).
+            temperature: prior temperature of the samples (1 = the model's density).
+            split: the real images: ``test``, ``val`` or ``train`` split of the datamodule, all of it.
+            batch_size: images per batch, for sampling and for the feature extractor.
+            feature: Inception-v3 features (64, 192, 768 or 2048 = pool3, the standard), or the import path
+                (``package.module.Class``) of an ``nn.Module``, built without arguments, that maps uint8
+                (B, 3, H, W) images to (B, d) features.
+            feature_weights: a local file of torch-fidelity's Inception weights
+                (``weights-inception-2015-12-05-6726825d.pth``) for offline use; default: downloaded once.
+            kid_subsets: KID's random subsets.
+            kid_subset_size: images per KID subset (lowered to N, or the split's size, where that is smaller).
+            cache_dir: where the real features are cached (default: ``$GLOW_CACHE_DIR/fid``, else
+                ``~/.cache/glow-lightning/fid``).
+        """
+        from tqdm import tqdm
+
+        from ..data.imagecheck import cache_dir as glow_cache_dir
+        from ..fid import feature_extractor, fid_score, kid_score, real_features, sample_features, small_n_note
+
+        if not isinstance(num_samples, int) or num_samples < 2:
+            raise ValueError(f"--num_samples must be >= 2 (FID needs a covariance), got {num_samples}")
+        for name, value in (
+            ("batch_size", batch_size),
+            ("kid_subsets", kid_subsets),
+            ("kid_subset_size", kid_subset_size),
+        ):
+            if value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
+        if not temperature >= 0:
+            raise ValueError(f"--temperature must be >= 0, got {temperature}")
+        if datamodule is None or not hasattr(datamodule, "split"):
+            raise ValueError("glow fid needs the real images: pass the training config (--config) or --data")
+        extractor = feature_extractor(feature, feature_weights)
+        flow = self._prepare(model, ckpt_path).flow
+        extractor = extractor.to(flow.device)
+        datamodule.prepare_data()
+        cache = os.path.join(glow_cache_dir(), "fid") if cache_dir is None else cache_dir
+        real, path, cached = real_features(
+            datamodule, split, extractor, flow.n_bits, cache_dir=cache, batch_size=batch_size, device=flow.device,
+            progress=lambda it: tqdm(it, desc=f"features of the {split} images", leave=False),
+        )  # fmt: skip
+        print(f"{'read' if cached else 'computed'} the features of {len(real)} {split} images" + (
+            f" ({'from' if cached else 'cached in'} {path})" if path else ""))  # fmt: skip
+        fake = sample_features(
+            flow, extractor, num_samples, temperature=temperature, batch_size=batch_size,
+            progress=lambda it: tqdm(it, desc=f"sampling at T={temperature:g}", leave=False),
+        )  # fmt: skip
+        subset_size = min(kid_subset_size, len(fake), len(real))
+        if subset_size < kid_subset_size:
+            print(
+                f"KID subset_size {kid_subset_size} > the {min(len(fake), len(real))} images of a set: using {subset_size}"
+            )
+        fid = fid_score(real, fake)
+        kid_mean, kid_std = kid_score(real, fake, subsets=kid_subsets, subset_size=subset_size)
+        where = f"N={num_samples} samples at T={temperature:g} vs the {len(real)} {split} images of {type(datamodule).__name__}"
+        print(f"FID {fid:.3f}  KID {kid_mean:.5f} ± {kid_std:.5f}  ({where}; {real.shape[1]}-d features)")
+        note = small_n_note(num_samples, real.shape[1])
+        if note:
+            print(f"note: {note}")
+        return {
+            "fid": fid, "kid_mean": kid_mean, "kid_std": kid_std, "num_samples": num_samples,
+            "temperature": temperature, "split": split, "num_real": len(real), "kid_subset_size": subset_size,
+        }  # fmt: skip
 
     def prepare(
         self,
