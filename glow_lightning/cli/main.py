@@ -77,8 +77,8 @@ from ..callbacks import (
 from ..callbacks.preemption import exit_code
 from ..data import GlowDataModule
 from ..data.base import DatasetError
-from ..flow.glow import ARCH_BEFORE_KEY
 from ..fid import FeatureExtractorError
+from ..flow.glow import ARCH_BEFORE_KEY
 from ..io import (
     NotWritableError,
     UnreadableCheckpointError,
