@@ -14,7 +14,8 @@ image-grid PNGs; path joins that work for local paths and URLs alike.
 - **Clear errors.** An unreadable (truncated, corrupt) checkpoint raises
   :class:`UnreadableCheckpointError` naming the file; an unwritable directory raises
   :class:`NotWritableError` naming it, before any training.
-- **Grids.** :func:`save_grid` writes an image grid as a PNG to a local path or fsspec URL.
+- **Grids.** :func:`save_grid` writes an image grid as a PNG to a local path or fsspec URL, optionally upscaled
+  and with a header row.
 
 Private library API used here (check on upgrades): ``lightning.fabric.utilities.cloud_io._is_object_storage``.
 """
@@ -64,9 +65,17 @@ def join(directory: str, name: str) -> str:
     return directory.rstrip("/") + "/" + name
 
 
-def save_grid(grid: torch.Tensor, path: str) -> str:
-    """Write a (3, H, W) grid in [0, 1] as a PNG (local path or fsspec URL); returns the path."""
+def save_grid(grid: torch.Tensor, path: str, *, scale: int = 1, header: str | None = None) -> str:
+    """Write a (3, H, W) grid in [0, 1] as a PNG (local path or fsspec URL); returns the path.
+
+    ``scale``: nearest-neighbour upscaling (each pixel a ``scale`` x ``scale`` block); ``header``: a text row on
+    top (:func:`glow_lightning.flow.visualize.labelled`).
+    """
     from torchvision.utils import save_image
+
+    from .flow.visualize import labelled
+
+    grid = labelled(grid, header, scale)
 
     fs, fs_path = url_to_fs(path)
     parent = posixpath.dirname(fs_path)

@@ -2,7 +2,8 @@
 
 It holds no flow maths: the loss is the flow's bits/dim (Kingma & Dhariwal, 2018, section 5), the
 optimizer is Adam (or Adamax) with linear warmup (the paper's lr 1e-3 with warmup), and ActNorm's
-data-dependent initialisation runs once, at the start of fit, from training data (DESIGN.md rule 1).
+data-dependent initialisation runs once, at the start of fit, from training data (DESIGN.md rule 1), unless
+the weights come from another run's checkpoint (the warm start, ``init_weights``).
 An update whose loss or gradients are not finite is skipped on every rank and counted
 (``train/skipped_steps``); too many in a row stop training: the
 :class:`~glow_lightning.callbacks.nonfinite.NonFiniteGuard` callback, which ``configure_callbacks`` adds.
@@ -13,22 +14,34 @@ Private library API used here (check on upgrades): ``torch.utils._foreach_utils.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from .callbacks.nonfinite import NonFiniteGuard
 from .callbacks.progress import GlowProgressBar
 from .flow import Glow
+from .flow.checks import first_line
 from .flow.dequantization import VariationalDequantizer, dequantize, unit_noise
-from .flow.glow import ARCH_KEYS, CompileMode
-from .flow.layers import Coupling, Permutation
+from .flow.glow import ARCH_KEYS, CompileMode, checkpoint_arch
+from .flow.layers import Coupling, CouplingNorm, Permutation
+from .io import load_checkpoint_file, require_glow_checkpoint
 from .metrics import BitsPerDim, logs_at
+
+# the hyperparameters a checkpoint's weights depend on: the flow's, and the variational dequantizer (a module)
+ARCH_CHECKED = (*ARCH_KEYS, "dequantization")
+
+
+@rank_zero_only
+def say(line: str) -> None:
+    print(line, flush=True)
 
 
 class CheckpointMismatchError(ValueError):
@@ -70,6 +83,8 @@ class GlowModule(L.LightningModule):
         permutation: ``invconv_lu``, ``invconv``, ``reverse`` or ``shuffle``.
         learn_top: learn the top prior's mean and log-scale.
         n_bits: bits per colour channel (linked from the datamodule).
+        coupling_norm: the coupling networks' hidden layers: ``actnorm`` (openai/glow's: no biases, a
+            data-initialised ActNorm after each hidden convolution) or ``none`` (biases); see BENCHMARKS.md.
         num_classes: > 0 for a class-conditional top prior and a classifier on the top latent
             (linked from the datamodule: set ``--data.class_conditional true``).
         y_weight: weight of the classifier's cross-entropy (in bits per image) added to the
@@ -78,8 +93,13 @@ class GlowModule(L.LightningModule):
         lr: peak learning rate, reached after the warmup.
         weight_decay: L2 penalty added by the optimizer (0 = off).
         warmup_steps: optimizer steps of linear learning-rate warmup from 0 (0 = off).
+        warmup_fraction: if set (0 < f < 1), the warmup is this fraction of the planned optimizer steps
+            instead of ``warmup_steps``: a short run and a long one both warm up for the same share of their
+            run. The planned steps are resolved once, at the start of fit: from ``max_steps``, or ``max_epochs`` x
+            the batches per epoch, or, with ``max_time``, from the step time measured over the first steps (the
+            run then ends at whichever limit comes first); ``glow fit`` prints the result, the checkpoint keeps it.
         schedule: after the warmup, keep the learning rate ``constant`` or decay it to zero with a
-            ``cosine`` over the rest of training (needs max_steps or max_epochs).
+            ``cosine`` over the rest of the planned steps (resolved as for ``warmup_fraction``).
         init_batch_size: training images used for ActNorm's data-dependent initialisation.
         dequantization: ``uniform`` noise, or ``variational``: noise from a small conditional flow
             q(u | x) trained jointly (Flow++); the loss and bits/dim are then the variational bound.
@@ -95,6 +115,12 @@ class GlowModule(L.LightningModule):
             ~1.3x the step time); ``invert``: keep only each level's output and rebuild every step's input with
             its inverse in the backward pass (reversible backprop: activation memory O(1) in depth, ~1/40 of
             plain at the paper config, ~1.4-1.5x the step time). See BENCHMARKS.md.
+        init_weights: warm start: a ``glow fit`` checkpoint (``.ckpt``, local path or fsspec URL) whose weights
+            this run starts from, with a fresh optimizer, schedule and step count (global step 0); its
+            architecture must match, and its ActNorm counts as initialised (no data-dependent init). From an
+            EMA run, the checkpoint's ``state_dict``, i.e. the EMA weights, are taken. Not loaded when a fit
+            resumes (``--ckpt_path``): the ``glow`` command refuses the two together, unless the checkpoint's run
+            was itself warm-started from this file (the same command plus ``--ckpt_path last``).
     """
 
     def __init__(
@@ -107,6 +133,7 @@ class GlowModule(L.LightningModule):
         hidden_channels: int = 512,
         coupling: Coupling = "affine",
         permutation: Permutation = "invconv_lu",
+        coupling_norm: CouplingNorm = "none",
         learn_top: bool = True,
         n_bits: int = 8,
         num_classes: int = 0,
@@ -115,6 +142,7 @@ class GlowModule(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 1000,
+        warmup_fraction: float | None = None,
         schedule: Literal["constant", "cosine"] = "constant",
         init_batch_size: int = 256,
         dequantization: Literal["uniform", "variational"] = "uniform",
@@ -122,6 +150,7 @@ class GlowModule(L.LightningModule):
         max_consecutive_skips: int = 10,
         compile: bool | CompileMode = False,
         memory_saving: bool | Literal["recompute", "invert"] = False,
+        init_weights: str | None = None,
     ):
         super().__init__()
         if not lr > 0:
@@ -130,6 +159,8 @@ class GlowModule(L.LightningModule):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps!r}")
+        if warmup_fraction is not None and not 0 < warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be between 0 and 1 (exclusive), got {warmup_fraction!r}")
         if init_batch_size < 1:
             raise ValueError(f"init_batch_size must be >= 1, got {init_batch_size!r}")
         if not y_weight >= 0:
@@ -148,8 +179,12 @@ class GlowModule(L.LightningModule):
         if num_classes:  # classification accuracy of the top-latent classifier
             self.val_acc = MulticlassAccuracy(num_classes, average="micro")
             self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._initial_weights_loaded = False  # the warm start happens once (load_initial_weights)
         self.skipped_steps = 0  # set by the NonFiniteGuard callback, which keeps (and saves) the counts
         self._log_epoch_bpd = True  # train/bpd_epoch is logged on the first batch of each epoch
+        self.lr_plan: dict[str, Any] | None = None  # the resolved warmup and schedule length (see resolve_lr_plan)
+        self._loaded_lr_plan: dict[str, Any] | None = None
+        self._plan_timing: tuple[int, float] | None = None  # (step, time) where the max_time step timing started
 
     # ------------------------------------------------------------------ steps
     def _labels(self, batch: dict) -> torch.Tensor | None:
@@ -281,7 +316,10 @@ class GlowModule(L.LightningModule):
     # ------------------------------------------------------------ data init
     @override
     def on_fit_start(self) -> None:
-        """ActNorm's data-dependent init: once, on training data, identical on every rank; not on resume."""
+        """The warm start (``init_weights``), then ActNorm's data-dependent init: once, on training data, identical
+        on every rank; neither on resume. Weights from a warm start count as initialised."""
+        if self.hparams.init_weights and self.trainer.ckpt_path is None and not self._initial_weights_loaded:
+            self.load_initial_weights(self.hparams.init_weights)
         if self.flow.is_initialized:
             return
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -295,14 +333,104 @@ class GlowModule(L.LightningModule):
 
     # ------------------------------------------------------------- optimizer
     def lr_factor(self, step: int) -> float:
-        """Learning-rate multiplier at optimizer step ``step``: linear warmup, then the schedule."""
-        warmup = self.hparams.warmup_steps
+        """Learning-rate multiplier at optimizer step ``step``: linear warmup, then the schedule.
+
+        Uses :attr:`lr_plan` once resolved; before that (and outside fit) ``warmup_steps`` and the trainer's
+        estimated steps."""
+        if self.lr_plan is not None:
+            warmup, total = self.lr_plan["warmup"], self.lr_plan["total"]
+        else:
+            warmup, total = self.hparams.warmup_steps, None
         factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
         if self.hparams.schedule == "cosine" and step >= warmup:
-            total = max(self.trainer.estimated_stepping_batches, warmup + 1)
-            progress = min(1.0, (step - warmup) / (total - warmup))
-            factor *= 0.5 * (1.0 + math.cos(math.pi * progress))
+            if total is None:
+                total = self.trainer.estimated_stepping_batches
+            total = max(total, warmup + 1)
+            if math.isfinite(total):
+                progress = min(1.0, (step - warmup) / (total - warmup))
+                factor *= 0.5 * (1.0 + math.cos(math.pi * progress))
         return factor
+
+    # a max_time plan times the steps after PLAN_SKIP (allocator and kernel warm-up), over at least PLAN_TIMED steps
+    # and PLAN_SHARE of the time limit: planning too few steps would leave the run's end at lr 0
+    PLAN_SKIP, PLAN_TIMED, PLAN_SHARE = 5, 20, 0.02
+
+    def _plan_inputs(self) -> dict[str, Any]:
+        trainer = self.trainer
+        timer = self._timer()
+        return {
+            "warmup_steps": self.hparams.warmup_steps,
+            "warmup_fraction": self.hparams.warmup_fraction,
+            "schedule": self.hparams.schedule,
+            "max_steps": trainer.max_steps,
+            "max_epochs": trainer.max_epochs,
+            "max_time_s": None if timer is None else round(timer.time_elapsed() + timer.time_remaining()),
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        }
+
+    def _timer(self):
+        from lightning.pytorch.callbacks import Timer
+
+        return next(
+            (c for c in self.trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None), None
+        )
+
+    def _needs_plan(self) -> bool:
+        return self.hparams.warmup_fraction is not None or self.hparams.schedule == "cosine"
+
+    def resolve_lr_plan(self, planned_steps: float, source: str) -> None:
+        """Fix the warmup and the schedule's length from the planned optimizer steps; print it in one line."""
+        total = int(planned_steps) if math.isfinite(planned_steps) else None
+        fraction = self.hparams.warmup_fraction
+        if fraction is not None and total is None:
+            raise ValueError(
+                "warmup_fraction needs a planned run length: set --trainer.max_steps, --trainer.max_epochs or "
+                "--trainer.max_time"
+            )
+        warmup = max(1, round(fraction * total)) if fraction is not None else self.hparams.warmup_steps
+        self.lr_plan = {"warmup": warmup, "total": total, "source": source, "inputs": self._plan_inputs()}
+        if self.hparams.schedule == "cosine" and total is not None:
+            after = f"cosine decay to 0 at step {total:,}"
+        else:
+            after = "constant" if self.hparams.schedule == "constant" else "cosine (no planned end: constant)"
+        say(f"glow: lr schedule: warmup {warmup:,} steps, then {after} (planned steps: {source})")
+        self._apply_lr()
+
+    def _apply_lr(self) -> None:
+        """Set the optimizer's lr to base lr x :meth:`lr_factor` at the scheduler's current step."""
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if getattr(scheduler, "base_lrs", None) is None:
+                continue
+            for base, group in zip(scheduler.base_lrs, scheduler.optimizer.param_groups):
+                group["lr"] = base * self.lr_factor(scheduler.last_epoch)
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """With ``max_time``: time the first steps, then resolve the plan (steps at this pace until the limit)."""
+        if self._plan_timing is None:
+            return
+        step = self.trainer.global_step
+        start_step, start_time = self._plan_timing
+        if start_step < 0:
+            if step >= self.PLAN_SKIP:
+                self._plan_timing = (step, time.perf_counter())
+            return
+        timer = self._timer()
+        elapsed = time.perf_counter() - start_time
+        if step - start_step < self.PLAN_TIMED:
+            return
+        limit = timer.time_elapsed("train") + timer.time_remaining("train")
+        if not self.trainer.strategy.broadcast(elapsed >= self.PLAN_SHARE * limit, src=0):  # one decision, all ranks
+            return
+        step_time = elapsed / (step - start_step)
+        by_time = self.trainer.strategy.broadcast(step + timer.time_remaining("train") / step_time, src=0)  # one plan
+        by_count = self.trainer.estimated_stepping_batches
+        self._plan_timing = None
+        if by_count <= by_time:
+            self.resolve_lr_plan(by_count, f"{by_count:,} by max_steps / max_epochs")
+        else:
+            self.resolve_lr_plan(by_time, f"{int(by_time):,} in max_time at {step_time:.3g} s/step")
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:
@@ -317,40 +445,107 @@ class GlowModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _start_lr_plan(self) -> None:
+        """Resolve the warmup / schedule plan (or reuse the checkpoint's, made from the same settings)."""
+        self.lr_plan, self._plan_timing = None, None
+        if not self._needs_plan():
+            return
+        loaded, inputs = self._loaded_lr_plan, self._plan_inputs()
+        if loaded is not None and loaded.get("inputs") == inputs:
+            self.lr_plan = dict(loaded)
+            self._apply_lr()
+            return
+        by_count = self.trainer.estimated_stepping_batches
+        if self._timer() is not None:
+            self._plan_timing = (-1, 0.0)  # resolved after timing the first steps (on_train_batch_end)
+            if self.hparams.warmup_fraction is not None:
+                say(
+                    f"glow: lr schedule: resolved from the step time over the first {self.PLAN_SHARE:.0%} of max_time "
+                    f"(warmup {self.hparams.warmup_steps:,} steps until then)"
+                )
+        else:
+            source = f"{by_count:,} by max_steps" if self.trainer.max_steps > 0 else (
+                f"{by_count:,}: max_epochs {self.trainer.max_epochs} x {self.trainer.num_training_batches:,} batches"
+                if math.isfinite(by_count) else "none"
+            )  # fmt: skip
+            self.resolve_lr_plan(by_count, source)
+
     @override
     def on_train_start(self) -> None:
-        """On resume, apply this run's lr and weight_decay to the restored optimizer and schedule.
+        """Resolve the lr plan; on resume, apply this run's lr and weight_decay to the restored optimizer and schedule.
 
         Lightning restores the optimizer's param groups and the scheduler's ``base_lrs`` from the
         checkpoint; a ``--model.lr`` / ``--model.weight_decay`` given on resume applies from the resumed
-        step on (warmup_steps and schedule are read live by :meth:`lr_factor`).
+        step on; the warmup and schedule follow the checkpoint's plan unless their settings changed.
         """
-        if self.trainer.ckpt_path is None:
-            return
-        for config in self.trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            if getattr(scheduler, "base_lrs", None) is None:
-                continue
-            scheduler.base_lrs = [self.hparams.lr] * len(scheduler.base_lrs)
-            for group in scheduler.optimizer.param_groups:
-                group["initial_lr"] = self.hparams.lr
-                group["lr"] = self.hparams.lr * self.lr_factor(scheduler.last_epoch)
-                if "weight_decay" in group:
-                    group["weight_decay"] = self.hparams.weight_decay
+        if self.trainer.ckpt_path is not None:
+            for config in self.trainer.lr_scheduler_configs:
+                scheduler = config.scheduler
+                if getattr(scheduler, "base_lrs", None) is None:
+                    continue
+                scheduler.base_lrs = [self.hparams.lr] * len(scheduler.base_lrs)
+                for group in scheduler.optimizer.param_groups:
+                    group["initial_lr"] = self.hparams.lr
+                    if "weight_decay" in group:
+                        group["weight_decay"] = self.hparams.weight_decay
+        self._start_lr_plan()
+        self._apply_lr()
 
     # ------------------------------------------------------------ checkpoints
     @override
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another architecture, naming the hyperparameters that differ."""
-        saved = checkpoint.get("hyper_parameters", {})
-        differ = {k: (saved[k], self.hparams[k]) for k in ARCH_KEYS if k in saved and saved[k] != self.hparams[k]}
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the resolved lr plan, so a resume continues the same warmup and schedule."""
+        if self.lr_plan is not None:
+            checkpoint["lr_plan"] = dict(self.lr_plan)
+
+    def load_initial_weights(self, path: str) -> None:
+        """Warm start: copy the weights of the ``glow fit`` checkpoint ``path`` into this module.
+
+        Takes the checkpoint's ``state_dict`` (with EMA, the averaged weights), ActNorm's ``initialized`` flags
+        included; the optimizer, schedule and step count are this run's. Raises FileNotFoundError,
+        :class:`~glow_lightning.io.UnreadableCheckpointError` (not a readable glow checkpoint) or
+        :class:`CheckpointMismatchError` (another architecture), each one line naming ``path``.
+        """
+        ckpt = require_glow_checkpoint(load_checkpoint_file(path), path)
+        problem = self._checkpoint_problem(ckpt)
+        if problem:
+            raise CheckpointMismatchError(f"{path}: {problem}")
+        try:
+            self.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as err:  # missing or unexpected keys: torch's message spans many lines
+            raise CheckpointMismatchError(f"{path}: its weights do not fit this model ({first_line(err)})") from err
+        self._initial_weights_loaded = True
+
+    def _checkpoint_problem(self, checkpoint: dict[str, Any]) -> str | None:
+        """Why ``checkpoint``'s weights do not fit this model (another architecture, or tensors that contradict
+        its hyperparameters), in one line; None if they fit."""
+        hparams = checkpoint.get("hyper_parameters", {})
+        saved = checkpoint_arch(hparams) | {k: hparams[k] for k in ARCH_CHECKED if k in hparams and k not in ARCH_KEYS}
+        differ = {k: (v, self.hparams[k]) for k, v in saved.items() if v != self.hparams[k]}
         if differ:
             lines = ", ".join(f"{k}: checkpoint {a!r} vs this model {b!r}" for k, (a, b) in differ.items())
-            raise CheckpointMismatchError(f"the checkpoint was trained with another architecture ({lines})")
+            return f"the checkpoint was trained with another architecture ({lines})"
         own = self.state_dict()
         for key, value in checkpoint.get("state_dict", {}).items():
             if key in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[key].shape):
-                raise CheckpointMismatchError(
+                return (
                     f"the checkpoint's weights do not fit its hyperparameters: {key} has shape {tuple(value.shape)}, "
                     f"the model built from them {tuple(own[key].shape)} (a checkpoint edited or written by other code)"
                 )
+        return None
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another architecture, naming the hyperparameters that differ.
+
+        A resume with another ``optimizer`` (Adam <-> Adamax, whose states do not fit each other) starts a fresh
+        optimizer state: the checkpoint's ``optimizer_states`` are dropped (Lightning then restores none; the
+        step count, schedule position and everything else resume as usual).
+        """
+        self._loaded_lr_plan = checkpoint.get("lr_plan")
+        problem = self._checkpoint_problem(checkpoint)
+        if problem:
+            raise CheckpointMismatchError(problem)
+        saved_optimizer = checkpoint.get("hyper_parameters", {}).get("optimizer", "adam")
+        if saved_optimizer != self.hparams.optimizer and "optimizer_states" in checkpoint:
+            checkpoint["optimizer_states"] = []  # Strategy.load_optimizer_state_dict zips it with the optimizers

@@ -13,7 +13,7 @@ os.environ.setdefault(
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from .fixtures import write_cifar10  # noqa: E402
+from .fixtures import write_cifar10, write_mnist  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -65,3 +65,21 @@ def tiny_run(cifar_dir, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_run) -> str:
     return os.path.join(tiny_run, "checkpoints", "last.ckpt")
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist_run(tmp_path_factory) -> str:
+    """A tiny ``glow fit`` on an MNIST fixture (1-channel), stopped after one epoch and resumed for a second
+    (``lightning_logs/version_0`` and ``version_1``); returns its run directory."""
+    from glow_lightning.cli import main
+
+    data = write_mnist(str(tmp_path_factory.mktemp("mnist")), train_size=40, test_size=10)
+    root = str(tmp_path_factory.mktemp("tiny_mnist_run"))
+    args = [
+        "fit", "--config", config("mnist.yaml"), "--config", config("debug.yaml"), "--data.data_dir", data,
+        "--data.download", "false", "--data.val_size", "8", "--trainer.default_root_dir", root,
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    ]  # fmt: skip
+    main([*args, "--trainer.max_epochs", "1"])
+    main([*args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    return root

@@ -32,6 +32,47 @@ def test_help_lists_subcommands(capsys):
         assert sub in out
 
 
+def test_help_gives_each_subcommand_one_full_summary(capsys):
+    """``glow --help`` lists every subcommand with a whole sentence of its own (Lightning's docstrings' first lines
+    are cut mid-sentence: "It's separated from fit to make sure you never run on your")."""
+    from glow_lightning.cli import GlowCLI
+    from glow_lightning.cli.subcommands import GlowTrainer
+
+    with pytest.raises(SystemExit):
+        run_cli(["--help"])
+    listing = capsys.readouterr().out.split("Available subcommands:")[1]
+    summaries, name = {}, None
+    for line in listing.splitlines():
+        entry = re.match(r"    (\w+) +(\S.*)", line)
+        if entry:
+            name, summaries[entry.group(1)] = entry.group(1), entry.group(2).strip()
+        elif name and line.startswith(" " * 20) and line.strip():
+            summaries[name] += " " + line.strip()
+    assert set(summaries) == set(GlowCLI.subcommands())
+    for sub, summary in summaries.items():
+        first_line = getattr(GlowTrainer, sub).__doc__.strip().splitlines()[0]
+        assert summary == first_line and summary.endswith("."), (sub, summary)
+    assert len(set(summaries.values())) == len(summaries)
+
+
+def test_subcommand_usage_lists_its_own_arguments_first(capsys):
+    with pytest.raises(SystemExit):
+        run_cli(["sample", "--help"])
+    out = capsys.readouterr().out
+    for own in ("--ckpt_path", "--num_samples", "--temperature", "--output"):
+        assert out.index(own) < out.index("--trainer."), own
+
+
+def test_model_help_shows_the_model_group_only(capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["fit", "--model.help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model.levels" in out and "--model.warmup_steps" in out
+    assert "--trainer." not in out and "--data.batch_size" not in out
+    assert "--model.n_bits (--data.n_bits)" in out  # the linked ones: where to set them
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exc:
         run_cli(["--version"])

@@ -171,3 +171,26 @@ def test_image_callbacks_draw_with_the_averaged_weights(cifar_dir, tmp_path):
     assert not torch.equal(grid_probe.inside[key], raw_probe.raw[key])  # not the raw weights...
     assert torch.equal(grid_probe.average[key], raw_probe.raw[key])  # ...those were swapped out
     assert torch.equal(grid_probe.inside[key], model.state_dict()[key])  # the EMA, copied in at train end
+
+
+def test_warm_start_from_an_ema_checkpoint_takes_its_averaged_weights(ema_run, cifar_dir, tmp_path):
+    """GlowModule(init_weights=...) in plain Lightning: the checkpoint's state_dict (EMA) before the first step."""
+    _, _, _, _, ckpt = ema_run
+    path = str(tmp_path / "ema.ckpt")
+    torch.save(ckpt, path)  # a copy: the resume test rewrites the run's last.ckpt
+
+    class StartState(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    start = StartState()
+    dm = CIFAR10DataModule(data_dir=cifar_dir, download=False, val_size=8, batch_size=8, num_workers=0)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=[start],
+    )  # fmt: skip
+    trainer.fit(GlowModule(**TINY, lr=1e-2, init_weights=path), datamodule=dm)
+    averaged, raw = flow_params(ckpt["state_dict"]), flow_params(ckpt["current_model_state"])
+    assert any(not torch.equal(averaged[k], raw[k]) for k in averaged)
+    assert all(torch.equal(start.state[k], v) for k, v in ckpt["state_dict"].items())
+    assert trainer.global_step == 1

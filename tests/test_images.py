@@ -14,6 +14,8 @@ from PIL import Image
 from glow_lightning.callbacks.images import InterpolationImages, ReconstructionImages, eval_mode, log_image_grid
 from glow_lightning.cli import main
 from glow_lightning.data import CIFAR10DataModule
+from glow_lightning.flow.visualize import HEADER_HEIGHT as HEADER
+from glow_lightning.io import save_grid
 from glow_lightning.module import GlowModule
 
 from .conftest import config
@@ -33,6 +35,13 @@ def tile(grid: np.ndarray, row: int, col: int) -> np.ndarray:
     return grid[top : top + 32, left : left + 32]
 
 
+def body(grid: np.ndarray) -> np.ndarray:
+    """A PNG grid without its header row, after checking the header is there: white, with dark text pixels."""
+    header = grid[:HEADER]
+    assert (header < 128).any() and (header == 255).all(axis=-1).mean() > 0.5
+    return grid[HEADER:]
+
+
 def data_args(cifar_dir: str, root: str) -> list[str]:
     return [
         "--config", config("cifar.yaml"), "--config", config("debug.yaml"),
@@ -50,18 +59,20 @@ def val_pixels(cifar_dir: str, count: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ callbacks
 def test_tiny_fit_leaves_sample_reconstruction_and_interpolation_pngs(tiny_run):
     images = os.path.join(tiny_run, "images")
-    expected = {  # debug.yaml: 8 samples in a row; 4 pairs in a row; 2 pairs x 4 steps
+    expected = {  # debug.yaml: 8 samples in a row; 4 pairs in a row; 2 pairs x 4 steps; each with a header row
         "samples_t0.5": (36, 274), "samples_t0.7": (36, 274), "samples_t1.0": (36, 274),
         "reconstructions": (36, 274), "interpolations_linear": (70, 138),
     }  # fmt: skip
     names = sorted(os.listdir(images))
     assert names == sorted(f"{name}_epoch{e:03d}.png" for name in expected for e in (0, 1))
     for name, (h, w) in expected.items():
-        assert png(os.path.join(images, f"{name}_epoch001.png")).shape == (h, w, 3)
+        grid = png(os.path.join(images, f"{name}_epoch001.png"))
+        assert grid.shape == (HEADER + h, w, 3)
+        body(grid)
 
 
 def test_callback_reconstructions_match_their_targets(tiny_run, cifar_dir):
-    grid = png(os.path.join(tiny_run, "images", "reconstructions_epoch001.png"))
+    grid = body(png(os.path.join(tiny_run, "images", "reconstructions_epoch001.png")))
     targets = val_pixels(cifar_dir, 4)
     for i in range(4):
         assert np.array_equal(tile(grid, 0, 2 * i), targets[i])
@@ -103,16 +114,17 @@ def test_log_image_grid_sends_to_every_logger_and_always_writes_a_png(tmp_path):
     trainer = SimpleNamespace(
         loggers=[wandb, tensorboard], global_step=12, current_epoch=3, default_root_dir=str(tmp_path)
     )
-    grid = torch.rand(3, 10, 20)
-    path = log_image_grid(trainer, "samples/t0.7", grid, caption="T=0.7")
+    grid = torch.rand(3, 10, 40)
+    path = log_image_grid(trainer, "samples/t0.7", grid, caption="T=0.7", scale=2)
     assert path == f"{tmp_path}/images/samples_t0.7_epoch003.png"
-    assert png(path).shape == (10, 20, 3)
+    assert png(path).shape == (2 * (HEADER + 10), 80, 3)  # the file: with the caption as its header, upscaled
     [(metrics, step)] = wandb.calls
     assert step == 12 and list(metrics) == ["samples/t0.7"]
     assert [image._caption for image in metrics["samples/t0.7"]] == ["T=0.7"]
-    assert tensorboard.calls == [(("samples/t0.7", grid), {"global_step": 12})]
-    log_image_grid(trainer, "reconstructions", grid)  # no caption
+    assert tensorboard.calls == [(("samples/t0.7", grid), {"global_step": 12})]  # the loggers: the grid as it is
+    path = log_image_grid(trainer, "reconstructions", grid)  # no caption: no header
     assert list(wandb.calls[-1][0]) == ["reconstructions"]
+    assert png(path).shape == (10, 40, 3)
     trainer.loggers = []  # no logger at all: still a file
     trainer.current_epoch = 4
     assert os.path.isfile(log_image_grid(trainer, "reconstructions", grid))
@@ -146,7 +158,7 @@ def test_sample_needs_only_the_checkpoint_and_is_reproducible(tiny_checkpoint, t
         return png(out)
 
     first, again, other = sample(1, "a.png"), sample(1, "b.png"), sample(2, "c.png")
-    assert first.shape == (2 * TILE + 2, 3 * TILE + 2, 3)
+    assert first.shape == (HEADER + 2 * TILE + 2, 3 * TILE + 2, 3)
     assert np.array_equal(first, again)
     assert not np.array_equal(first, other)
 
@@ -157,7 +169,7 @@ def test_ckpt_path_last_is_the_runs_last_checkpoint(tiny_run, tmp_path, capsys):
         ["sample", "--trainer.default_root_dir", tiny_run, "--ckpt_path", "last", "--num_samples", "1", "--output", out]
     )
     assert f"to {out}" in capsys.readouterr().out
-    assert png(out).shape == (TILE + 2, TILE + 2, 3)
+    assert png(out).shape == (HEADER + TILE + 2, TILE + 2, 3)
 
 
 def test_reconstruct_writes_targets_beside_identical_reconstructions(tiny_checkpoint, cifar_dir, tmp_path, capsys):
@@ -165,7 +177,7 @@ def test_reconstruct_writes_targets_beside_identical_reconstructions(tiny_checkp
     main(["reconstruct", *data_args(cifar_dir, str(tmp_path)), "--ckpt_path", tiny_checkpoint,
           "--num_images", "6", "--pairs_per_row", "2", "--output", out])  # fmt: skip
     assert f"to {out}" in capsys.readouterr().out
-    grid = png(out)
+    grid = body(png(out))
     assert grid.shape == (3 * TILE + 2, 4 * TILE + 2, 3)
     targets = val_pixels(cifar_dir, 6)
     for i in range(6):
@@ -179,7 +191,7 @@ def test_interpolate_rows_run_from_one_image_to_the_other(tiny_checkpoint, cifar
     main(["interpolate", *data_args(cifar_dir, str(tmp_path)), "--ckpt_path", tiny_checkpoint,
           "--pairs", "3", "--steps", "5", "--method", "spherical", "--output", out])  # fmt: skip
     assert f"to {out}" in capsys.readouterr().out
-    grid = png(out)
+    grid = body(png(out))
     assert grid.shape == (3 * TILE + 2, 5 * TILE + 2, 3)
     images = val_pixels(cifar_dir, 6)
     for p in range(3):
@@ -234,8 +246,50 @@ def conditional_checkpoint(tmp_path_factory) -> str:
 def test_sample_label_of_a_class_conditional_model(conditional_checkpoint, tmp_path, capsys):
     out = str(tmp_path / "nine.png")
     main(["sample", "--ckpt_path", conditional_checkpoint, "--label", "9", "--num_samples", "2", "--output", out])
-    assert png(out).shape == (TILE + 2, 2 * TILE + 2, 3)
+    assert png(out).shape == (HEADER + TILE + 2, 2 * TILE + 2, 3)
     with pytest.raises(SystemExit) as exc:
         main(["sample", "--ckpt_path", conditional_checkpoint, "--label", "10", "--output", out])
     assert exc.value.code == 2
     assert "--label 10 is out of range: this model has classes 0..9" in capsys.readouterr().err
+
+
+def test_scale_upscales_the_png_by_nearest_neighbour(tiny_checkpoint, tmp_path, capsys):
+    """``--scale 3``: each pixel a 3x3 block, the header's too."""
+    out, big = str(tmp_path / "one.png"), str(tmp_path / "three.png")
+    common = ["sample", "--ckpt_path", tiny_checkpoint, "--num_samples", "4", "--nrow", "2", "--seed_everything", "0"]
+    main([*common, "--output", out])
+    main([*common, "--output", big, "--scale", "3"])
+    small, large = png(out), png(big)
+    body(small)
+    assert large.shape == (3 * small.shape[0], 3 * small.shape[1], 3)
+    assert np.array_equal(large[::3, ::3], small) and np.array_equal(large[2::3, 1::3], small)
+    with pytest.raises(SystemExit) as exc:
+        main([*common, "--output", big, "--scale", "0"])
+    assert exc.value.code == 2 and "--scale must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_header_row_says_what_the_grid_shows(tmp_path):
+    """The header is text drawn with PIL's default font: a different caption gives different header pixels."""
+    grid = torch.rand(3, 34, 274)
+    headers = {text: png(save_grid(grid, str(tmp_path / f"{i}.png"), header=text))[:HEADER]
+               for i, text in enumerate(["T=0.7", "T=1", "target | reconstruction"])}  # fmt: skip
+    assert not np.array_equal(headers["T=0.7"], headers["T=1"])
+    for header in headers.values():
+        assert header.shape == (HEADER, 274, 3) and (header < 128).any()
+    narrow = png(save_grid(torch.rand(3, 34, 34), str(tmp_path / "n.png"), header="target | reconstruction"))
+    assert narrow.shape[1] > 34 and (narrow[HEADER:, 34:] == 255).all()  # padded white to fit the text
+
+
+def test_sample_callback_writes_upscaled_captioned_pngs(tmp_path):
+    from glow_lightning.callbacks import SampleImages
+
+    module = GlowModule(levels=2, steps_per_level=1, hidden_channels=8)
+    trainer = SimpleNamespace(
+        loggers=[], callbacks=[], global_step=0, current_epoch=0, is_global_zero=True, default_root_dir=str(tmp_path)
+    )
+    callback = SampleImages(temperatures=[0.7], num_samples=2, nrow=2, scale=2)
+    callback.on_train_epoch_end(trainer, module)
+    [path] = callback.last_files
+    assert png(path).shape == (2 * (HEADER + TILE + 2), 2 * (2 * TILE + 2), 3)
+    with pytest.raises(ValueError, match="scale must be an integer >= 1, got 0"):
+        SampleImages(scale=0)

@@ -89,3 +89,41 @@ def test_wandb_overlay_offline_logs_metrics_hyperparameters_and_config(cifar_dir
 def test_default_logger_is_tensorboard(tiny_run):
     assert glob.glob(os.path.join(tiny_run, "lightning_logs", "version_0", "events.out.tfevents.*"))
     assert not os.path.exists(os.path.join(tiny_run, "wandb"))
+
+
+def test_checkpoint_records_its_run_config_and_every_log_folder(tiny_mnist_run, tmp_path):
+    """A resumed fit's checkpoint names both log folders (oldest first) and the data settings it trained on,
+    also after the run folder moved; the newest ``version_N`` alone would lose the first half of the curves."""
+    import shutil
+
+    from glow_lightning.cli.tracking import checkpoint_run, datamodule_of_checkpoint
+    from glow_lightning.data import MNISTDataModule
+
+    moved = shutil.copytree(tiny_mnist_run, tmp_path / "moved")
+    logs = [os.path.join(tiny_mnist_run, "lightning_logs", v) for v in ("version_0", "version_1")]
+    moved_logs = [str(moved / "lightning_logs" / v) for v in ("version_0", "version_1")]
+    ckpt = str(moved / "checkpoints" / "last.ckpt")
+    assert checkpoint_run(os.path.join(tiny_mnist_run, "checkpoints", "last.ckpt"))["log_dirs"] == logs
+    assert checkpoint_run(ckpt)["log_dirs"] == moved_logs  # next to the checkpoint first
+    shutil.rmtree(moved_logs[1])
+    assert checkpoint_run(ckpt)["log_dirs"] == [moved_logs[0], logs[1]]  # then in the original run folder
+    assert checkpoint_run(ckpt)["config"]["data"]["init_args"]["val_size"] == 8
+    datamodule = datamodule_of_checkpoint(ckpt, batch_size=4)
+    assert isinstance(datamodule, MNISTDataModule) and datamodule.batch_size == 4
+    assert datamodule.fixed_images("val", 2)["bins"].shape == (2, 1, 32, 32)
+
+
+def test_datamodule_of_checkpoint_builds_glow_lightning_classes_only(tiny_checkpoint, tmp_path):
+    import torch
+
+    from glow_lightning.cli.tracking import RUN_KEY, datamodule_of_checkpoint
+
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    ckpt[RUN_KEY]["config"] = "data:\n  class_path: subprocess.Popen\n  init_args: {args: [touch, x]}\n"
+    torch.save(ckpt, tmp_path / "named_code.ckpt")
+    with pytest.raises(ValueError, match="'subprocess.Popen' is not a glow_lightning.data class"):
+        datamodule_of_checkpoint(str(tmp_path / "named_code.ckpt"))
+    del ckpt[RUN_KEY]
+    torch.save(ckpt, tmp_path / "no_record.ckpt")
+    with pytest.raises(ValueError, match="holds no run record"):
+        datamodule_of_checkpoint(str(tmp_path / "no_record.ckpt"))

@@ -9,8 +9,11 @@
   set once, on the data side.
 - The checkpoint callback is registered as ``checkpoint`` (not in ``trainer.callbacks``, which a
   stacked config would replace), with its directory fixed at ``<default_root_dir>/checkpoints``;
-  so are the image-grid callbacks (``samples``, ``reconstructions``, ``interpolations``).
-- ``sample``, ``reconstruct``, ``interpolate`` and ``manipulate`` are :class:`~glow_lightning.cli.subcommands.GlowTrainer`
+  so are the image-grid callbacks (``samples``, ``reconstructions``, ``interpolations``) and ``val_fid``.
+- ``glow --help`` lists each subcommand by one line of its own (GlowTrainer's docstrings); a subcommand's usage
+  line names its own arguments only, and ``--model.help`` / ``--trainer.help`` print one group (jsonargparse's
+  ``--data.help CLASS`` the datamodule's).
+- ``sample``, ``reconstruct``, ``interpolate``, ``manipulate`` and ``fid`` are :class:`~glow_lightning.cli.subcommands.GlowTrainer`
   methods; ``sample`` needs no datamodule (the image shape comes from the checkpoint).
 - With ``--ckpt_path``, the model's hyperparameters come from the checkpoint; a value set
   explicitly (on the command line or in a config) that contradicts the checkpoint is an error.
@@ -21,7 +24,9 @@
 - A fit stopped by SIGTERM / SIGINT (GlowCheckpoint has written ``last.ckpt``) exits with 143 / 130 and
   one line naming the checkpoint and ``--ckpt_path last``.
 - On a fit resume, training settings (:data:`TRAINING_KEYS`) may differ from the checkpoint: they apply
-  from the resumed step on (one ``glow: resuming with ...`` line); architecture values may not.
+  from the resumed step on (one ``glow: resuming with ...`` line; another ``optimizer`` starts a fresh
+  optimizer state); architecture values may not. ``--model.init_weights`` (a warm start: weights only,
+  step 0) is loaded before fit and refused together with a ``--ckpt_path`` of another run.
 
 Private library API used here, each for want of a public hook (check these on a Lightning or
 jsonargparse upgrade):
@@ -42,6 +47,7 @@ jsonargparse upgrade):
 
 from __future__ import annotations
 
+import argparse
 import glob
 import inspect
 import os
@@ -58,6 +64,7 @@ from typing_extensions import override
 
 from .. import __version__
 from ..callbacks import (
+    FIDMonitor,
     GlowCheckpoint,
     GlowEMA,
     InterpolationImages,
@@ -70,6 +77,8 @@ from ..callbacks import (
 from ..callbacks.preemption import exit_code
 from ..data import GlowDataModule
 from ..data.base import DatasetError
+from ..fid import FeatureExtractorError
+from ..flow.glow import ARCH_BEFORE_KEY
 from ..io import (
     NotWritableError,
     UnreadableCheckpointError,
@@ -80,7 +89,7 @@ from ..io import (
 )
 from ..module import CheckpointMismatchError, GlowModule
 from .subcommands import GlowTrainer
-from .tracking import LoggerSaveConfigCallback, wandb_save_dir_in_run
+from .tracking import LoggerSaveConfigCallback, checkpoint_run, wandb_save_dir_in_run
 
 LINKED_FROM_DATA = {
     "num_channels": "in_channels",
@@ -90,14 +99,21 @@ LINKED_FROM_DATA = {
 }
 EVALUATION_ONLY = ("iw_samples",)  # model arguments a --ckpt_path does not override
 # model arguments that change how a model trains, not what it is: they never conflict outside fit, and in fit
-# (resume) all but ``optimizer`` apply from the resumed step on (GlowModule.on_train_start)
+# (resume) they apply from the resumed step on (GlowModule.on_train_start; another ``optimizer`` starts a fresh
+# optimizer state, GlowModule.on_load_checkpoint), all but ``init_weights``, a warm start, which a resume refuses
 TRAINING_KEYS = frozenset(
-    {"optimizer", "lr", "weight_decay", "warmup_steps", "schedule", "y_weight", "max_consecutive_skips",
-     "init_batch_size", "compile", "memory_saving", "iw_samples"}
+    {"optimizer", "lr", "weight_decay", "warmup_steps", "warmup_fraction", "schedule", "y_weight",
+     "max_consecutive_skips", "init_batch_size", "compile", "memory_saving", "iw_samples", "init_weights"}
 )  # fmt: skip
-RESUME_CHANGEABLE = TRAINING_KEYS - {"optimizer"}  # the restored optimizer state belongs to its optimizer
-IMAGE_SUBCOMMANDS = ("sample", "reconstruct", "interpolate", "prepare", "manipulate")  # GlowTrainer methods
+RESUME_CHANGEABLE = TRAINING_KEYS - {"init_weights"}
+SPECIAL_CKPT_PATHS = ("best", "hpc", "registry")  # Lightning's own --ckpt_path values
+IMAGE_SUBCOMMANDS = ("sample", "reconstruct", "interpolate", "prepare", "manipulate", "fid")  # GlowTrainer methods
 NEEDS_NO_DATA = ("sample",)
+
+
+def shown(value) -> str:
+    """A hyperparameter's value in a message: strings as they are typed (``adamax``), the rest as ``repr``."""
+    return value if isinstance(value, str) else repr(value)
 
 
 def checkpoint_dir(default_root_dir: str | None) -> str:
@@ -108,7 +124,8 @@ def checkpoint_dir(default_root_dir: str | None) -> str:
 
 def load_checkpoint_hparams(path: str) -> dict:
     """The model hyperparameters stored in a checkpoint, loaded without running any pickled code."""
-    return dict(require_glow_checkpoint(load_checkpoint_file(path), path)["hyper_parameters"])
+    hparams = require_glow_checkpoint(load_checkpoint_file(path), path)["hyper_parameters"]
+    return {**ARCH_BEFORE_KEY, **hparams}  # a key the checkpoint predates: the network it was trained with
 
 
 def find_last(dirpath: str) -> str | None:
@@ -133,7 +150,10 @@ def without_configs(args: list[str]) -> list[str]:
 
 def run_config_of(ckpt_path: str) -> str | None:
     """The ``config.yaml`` that ``glow fit`` saved for the run of ``<run>/checkpoints/X.ckpt``, if there is one."""
-    run = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
+    for log_dir in reversed(checkpoint_run(ckpt_path)["log_dirs"]):  # the checkpoint's own training
+        if os.path.isfile(os.path.join(log_dir, "config.yaml")):
+            return os.path.join(log_dir, "config.yaml")
+    run = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))  # no record: the run's newest
     found = sorted(glob.glob(os.path.join(run, "lightning_logs", "version_*", "config.yaml")), key=os.path.getmtime)
     return found[-1] if found else None
 
@@ -189,20 +209,66 @@ class GlowArgumentParser(LightningArgumentParser):
         raise SystemExit(2)
 
 
+class GroupHelp(argparse.Action):
+    """``--model.help`` / ``--trainer.help``: print one group's arguments and exit. jsonargparse has
+    ``--data.help CLASS`` for subclass groups (the datamodule) only; the model and trainer are plain class groups."""
+
+    def __init__(
+        self, option_strings, dest, *, key: str, cls: type, skip: set[str] = frozenset(), note: str = "", **kw
+    ):
+        kw.setdefault("help", f"Show the --{key}.* arguments only and exit.")
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kw)
+        self.key, self.cls, self.skip, self.note = key, cls, set(skip), note
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        prog = parser.prog.replace(" [options]", "")
+        group = LightningArgumentParser(
+            prog=prog, usage=f"%(prog)s [--{self.key}.ARG VALUE ...]", description=self.note
+        )
+        if self.skip:
+            group.add_class_arguments(self.cls, self.key, skip=self.skip, fail_untyped=False)
+        else:
+            group.add_lightning_class_args(self.cls, self.key)
+        group.print_help()
+        parser.exit()
+
+
+def short_usage(subcommand: str, trainer_class: type, skip: set[str]) -> str:
+    """``glow SUBCOMMAND``'s usage line with its own arguments only (argparse's lists every trainer, model and
+    data argument: ~100 lines before the subcommand's own)."""
+    own = []
+    for name, param in inspect.signature(getattr(trainer_class, subcommand)).parameters.items():
+        if name in skip or name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        arg = f"--{name} {name.upper()}"
+        own.append(arg if param.default is inspect.Parameter.empty else f"[{arg}]")
+    lines = ["%(prog)s [-h] [-c CONFIG]"]
+    for part in [*own, "[--trainer.* --model.* --data.* ...: see below]"]:
+        if len(lines[-1]) + len(part) + 1 > 96:
+            lines.append("   ")
+        lines[-1] += " " + part
+    return "\n".join(lines)
+
+
 class GlowCLI(LightningCLI):
     """LightningCLI for glow-lightning (``glow --help``)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
-        kwargs.setdefault(
-            "parser_kwargs",
-            {
-                "description": "Train and evaluate Glow normalizing flows. `glow configs` lists the packaged configs "
-                "(`--config cifar.yaml` finds them from any directory)."
-            },
-        )
         kwargs.setdefault("trainer_class", GlowTrainer)
+        parser_kwargs = {
+            "description": "Train and evaluate Glow normalizing flows. `glow configs` lists the packaged configs "
+            "(`--config cifar.yaml` finds them from any directory). `glow SUBCOMMAND --help` shows a subcommand's "
+            "arguments; `glow fit --model.help`, `--trainer.help` or `--data.help CLASS` one group's.",
+            **{
+                name: {"usage": short_usage(name, kwargs["trainer_class"], skip)}
+                for name, skip in self.subcommands().items()
+            },
+        }
+        for key, value in (kwargs.pop("parser_kwargs", None) or {}).items():  # the caller's settings win
+            parser_kwargs[key] = {**parser_kwargs[key], **value} if isinstance(value, dict) else value
+        kwargs["parser_kwargs"] = parser_kwargs
         kwargs.setdefault("parser_class", GlowArgumentParser)
         # the optimizer and schedule are --model.optimizer / lr / warmup_steps / schedule; LightningCLI's own
         # --optimizer / --lr_scheduler would silently replace GlowModule.configure_optimizers (warmup included)
@@ -232,11 +298,18 @@ class GlowCLI(LightningCLI):
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        linked = ", ".join(f"--model.{m} (--data.{d})" for d, m in LINKED_FROM_DATA.items())
+        parser.add_argument(
+            "--model.help", action=GroupHelp, key="model", cls=GlowModule, skip=set(LINKED_FROM_DATA.values()),
+            note=f"GlowModule's arguments. Linked from the datamodule, so set on the data side: {linked}.",
+        )  # fmt: skip
+        parser.add_argument("--trainer.help", action=GroupHelp, key="trainer", cls=self.trainer_class)
         parser.add_lightning_class_args(GlowCheckpoint, "checkpoint")
         parser.add_lightning_class_args(SampleImages, "samples")
         parser.add_lightning_class_args(ReconstructionImages, "reconstructions")
         parser.add_lightning_class_args(InterpolationImages, "interpolations")
         parser.add_lightning_class_args(InvertibilityMonitor, "invertibility")
+        parser.add_lightning_class_args(FIDMonitor, "val_fid")  # off unless --val_fid.every_n_epochs is set
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
         parser.add_lightning_class_args(GlowEMA, "ema")  # off unless --ema.decay is set
         parser.add_lightning_class_args(LikelihoodWriter, "prediction_writer")  # glow predict -> CSV
@@ -256,7 +329,10 @@ class GlowCLI(LightningCLI):
             if ckpt_path is None and subcommand != "fit":
                 self._parser(subcommand).error(f"--ckpt_path last: there is no {join(dirpath, 'last.ckpt')}")
             # fit: nothing to resume yet, start from scratch (set-and-forget for preemptible jobs)
-        if not ckpt_path or ckpt_path in ("best", "hpc", "registry"):
+        init_weights = self.config[subcommand].model.get("init_weights") if subcommand == "fit" else None
+        if init_weights and ckpt_path in SPECIAL_CKPT_PATHS:
+            self._refuse_warm_start_and_resume(init_weights, ckpt_path)
+        if not ckpt_path or ckpt_path in SPECIAL_CKPT_PATHS:
             return
         try:
             hparams = load_checkpoint_hparams(ckpt_path)
@@ -264,6 +340,8 @@ class GlowCLI(LightningCLI):
             self._parser(subcommand).error(f"--ckpt_path {ckpt_path}: no such checkpoint file")
         except UnreadableCheckpointError as err:  # truncated, corrupt, or holding code to run
             self._parser(subcommand).error(f"--ckpt_path {err}")
+        if init_weights and init_weights != hparams.get("init_weights"):  # the same value: the same run resuming
+            self._refuse_warm_start_and_resume(init_weights, ckpt_path)
         defaults = {k: p.default for k, p in inspect.signature(GlowModule.__init__).parameters.items()}
         model_config = self.config[subcommand].model
         explicit = self._explicit_model_keys(subcommand)
@@ -274,20 +352,25 @@ class GlowCLI(LightningCLI):
             if key not in defaults or key in LINKED_FROM_DATA.values() or key in EVALUATION_ONLY:
                 continue  # linked values are checked against the checkpoint when it is loaded
             given = model_config.get(key, defaults[key])
+            if key == "init_weights" and not evaluating:  # checked above: resuming never loads it
+                updates[key] = saved
+                continue
             if evaluating and key in TRAINING_KEYS:
                 if key not in on_command_line:
                     updates[key] = saved
                 continue
             if given != saved and (key in on_command_line or (not evaluating and given != defaults[key])):
                 if not evaluating and key in RESUME_CHANGEABLE:  # applies from the resumed step on
-                    changed.append(f"{key} {given!r} (checkpoint: {saved!r})")
+                    changed.append(f"{key} {shown(given)} (checkpoint: {shown(saved)})")
                     continue
                 conflicts.append(f"--model.{key}={given!r} (checkpoint: {saved!r})")
             elif given != saved and key in explicit:
                 yielded.append(f"{key}={saved!r} (config: {given!r})")
             updates[key] = saved
         if changed and subcommand == "fit" and rank_zero_only.rank == 0:
-            print(f"glow: resuming with {', '.join(changed)}", flush=True)
+            changed.sort(key=lambda change: change.startswith("optimizer "))  # last, with what it means
+            fresh = ": the optimizer state starts fresh" if changed[-1].startswith("optimizer ") else ""
+            print(f"glow: resuming with {', '.join(changed)}{fresh}", flush=True)
         if conflicts:
             run_config = run_config_of(ckpt_path)
             self._parser(subcommand).error(
@@ -301,6 +384,13 @@ class GlowCLI(LightningCLI):
             updates.update({key: hparams[key] for key in LINKED_FROM_DATA.values() if key in hparams})
         for key, value in updates.items():
             model_config[key] = value
+
+    def _refuse_warm_start_and_resume(self, init_weights: str, ckpt_path: str) -> None:
+        self._parser("fit").error(
+            f"--model.init_weights {init_weights} and --ckpt_path {ckpt_path}: a warm start begins a new run at "
+            f"global step 0 from the weights of {init_weights}, --ckpt_path resumes the run of {ckpt_path}; "
+            "give only one of them"
+        )
 
     def _explicit_model_keys(self, subcommand: str, command_line_only: bool = False) -> set[str]:
         """The ``--model.*`` keys set on the command line or in a config (only on the command line, with
@@ -335,7 +425,21 @@ class GlowCLI(LightningCLI):
         if self.subcommand == "fit" and self.trainer.checkpoint_callback is not None:
             check_writable(self.trainer.checkpoint_callback.dirpath, "--checkpoint.dirpath")
 
-    before_fit = before_validate = before_test = before_predict = _check_output_dirs
+    before_validate = before_test = before_predict = _check_output_dirs
+
+    def before_fit(self) -> None:
+        """Check the output directories; load the warm start's weights (``--model.init_weights``) now, so that a
+        missing or unfitting file is a one-line argument error before training starts."""
+        self._check_output_dirs()
+        path = self.model.hparams.get("init_weights")
+        if not path or self.config_init["fit"].get("ckpt_path"):
+            return
+        try:
+            self.model.load_initial_weights(path)
+        except FileNotFoundError:
+            self._parser("fit").error(f"--model.init_weights {path}: no such checkpoint file")
+        except (UnreadableCheckpointError, CheckpointMismatchError) as err:
+            self._parser("fit").error(f"--model.init_weights {err}")
 
     @override
     def before_instantiate_classes(self) -> None:
@@ -431,6 +535,7 @@ def main(args: list[str] | None = None) -> GlowCLI | None:
         DatasetError,
         UnreadableCheckpointError,
         NonFiniteTrainingError,
+        FeatureExtractorError,
     ) as err:
         print(f"glow: error: {err}", file=sys.stderr)
         raise SystemExit(1) from err

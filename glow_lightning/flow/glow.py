@@ -28,7 +28,17 @@ from .checks import (
     read_checkpoint,
 )
 from .classifier import TopClassifier
-from .layers import ActNorm, Coupling, CouplingLayer, FlowStep, Permutation, squeeze, unsqueeze
+from .layers import (
+    COUPLING_NORMS,
+    ActNorm,
+    Coupling,
+    CouplingLayer,
+    CouplingNorm,
+    FlowStep,
+    Permutation,
+    squeeze,
+    unsqueeze,
+)
 from .priors import SplitPrior, TopPrior, gaussian_log_prob, gaussian_sample
 from .quantize import bins_to_unit, check_n_bits, unit_to_bins
 from .reversible import reversible_steps
@@ -37,8 +47,15 @@ COUPLINGS = ("affine", "additive")
 PERMUTATIONS = ("invconv", "invconv_lu", "reverse", "shuffle")
 ARCH_KEYS = (
     "in_channels", "image_size", "levels", "steps_per_level", "hidden_channels",
-    "coupling", "permutation", "learn_top", "n_bits", "num_classes",
+    "coupling", "permutation", "learn_top", "n_bits", "num_classes", "coupling_norm",
 )  # fmt: skip
+# Architecture keys added later, with the value that reproduces the network of a checkpoint written without them.
+ARCH_BEFORE_KEY = {"coupling_norm": "none"}
+
+
+def checkpoint_arch(hparams: dict) -> dict:
+    """A checkpoint's architecture hyperparameters, with :data:`ARCH_BEFORE_KEY` for keys it predates."""
+    return {k: hparams.get(k, ARCH_BEFORE_KEY.get(k)) for k in ARCH_KEYS if k in hparams or k in ARCH_BEFORE_KEY}
 
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
@@ -92,6 +109,8 @@ class Glow(nn.Module):
         n_bits: bits per colour channel of the data (1..8); sets the bits/dim offset and sampling.
         num_classes: 0 for an unconditional model; > 0 conditions the top prior on the label and adds
             a classifier on the top latent (paper section 5).
+        coupling_norm: the coupling networks' hidden layers: ``actnorm`` (openai/glow's network: no biases, a
+            data-initialised ActNorm after each hidden convolution) or ``none`` (biases, no normalisation).
         compile: ``torch.compile`` each flow step in training (regional: one graph per level shape, reused
             by all K steps); ``True`` or a mode: ``default``, ``reduce-overhead`` (CUDA graphs), ``max-autotune``.
             Evaluation and sampling stay eager.
@@ -117,6 +136,7 @@ class Glow(nn.Module):
         learn_top: bool = True,
         n_bits: int = 8,
         num_classes: int = 0,
+        coupling_norm: CouplingNorm = "none",
         compile: bool | CompileMode = False,
         memory_saving: bool | MemorySaving = False,
     ):
@@ -133,6 +153,8 @@ class Glow(nn.Module):
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
         if permutation not in PERMUTATIONS:
             raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {permutation!r}")
+        if coupling_norm not in COUPLING_NORMS:
+            raise ValueError(f"coupling_norm must be one of {COUPLING_NORMS}, got {coupling_norm!r}")
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
         self.in_channels, self.image_size, self.levels = in_channels, image_size, levels
@@ -164,7 +186,8 @@ class Glow(nn.Module):
             channels, size = 4 * channels, size // 2  # squeeze
             self.steps.append(
                 nn.ModuleList(
-                    FlowStep(channels, hidden_channels, coupling, permutation) for _ in range(steps_per_level)
+                    FlowStep(channels, hidden_channels, coupling, permutation, coupling_norm)
+                    for _ in range(steps_per_level)
                 )
             )
             if level < levels - 1:
@@ -454,7 +477,7 @@ class Glow(nn.Module):
         if problem:
             raise CheckpointFileError(problem)
         hparams = ckpt["hyper_parameters"]
-        flow = cls(**{k: hparams[k] for k in ARCH_KEYS if k in hparams})
+        flow = cls(**checkpoint_arch(hparams))
         state = {k[len("flow.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("flow.")}
         try:
             flow.load_state_dict(state)

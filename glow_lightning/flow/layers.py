@@ -22,6 +22,8 @@ from torch.utils.checkpoint import checkpoint
 
 Permutation = Literal["invconv", "invconv_lu", "reverse", "shuffle"]
 Coupling = Literal["affine", "additive"]
+CouplingNorm = Literal["none", "actnorm"]
+COUPLING_NORMS = ("none", "actnorm")
 
 
 def float32(fn):
@@ -206,21 +208,47 @@ class ZeroConv2d(nn.Module):
         return self.conv(x) * torch.exp(3 * self.logs)
 
 
-def coupling_net(in_channels: int, hidden_channels: int, out_channels: int) -> nn.Sequential:
+class NetActNorm(ActNorm):
+    """ActNorm inside a coupling network (openai/glow's ``conv2d`` with ``do_actnorm``): the same per-channel
+    affine, initialised from data by :meth:`Glow.initialize` like every ActNorm, but only the output is
+    returned (no log-determinant: it is not a flow layer) and it runs in the network's dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.init_mode:
+            self._initialize(x)
+        return (x + self.bias.to(x.dtype)) * torch.exp(self.logs).to(x.dtype)
+
+
+def coupling_net(
+    in_channels: int, hidden_channels: int, out_channels: int, norm: CouplingNorm = "none"
+) -> nn.Sequential:
     """The coupling's NN(): conv3x3 -> ReLU -> conv1x1 -> ReLU -> zero-initialised conv3x3.
+
+    ``norm="actnorm"`` is openai/glow's network: the two hidden convolutions have no bias and are each
+    followed by a data-initialised ActNorm (:class:`NetActNorm`), their weights drawn from N(0, 0.05) as in
+    openai/glow's ``tfops.conv2d`` (its extra "edge" padding channel is left out). ``"none"``: biases and
+    PyTorch's default initialisation (the network of checkpoints written before the option existed).
 
     It runs in ``channels_last``, convolution weights included: stored that way, the 3x3 kernels are not
     converted on every call (measured faster, BENCHMARKS.md). ``.to(device)`` and ``load_state_dict`` keep it.
     Only the convolutions are converted: ZeroConv2d's ``logs`` (1, C, 1, 1) stays contiguous like its gradient,
     or DDP warns "Grad strides do not match bucket view strides" (issue 17).
     """
-    net = nn.Sequential(
-        nn.Conv2d(in_channels, hidden_channels, 3, padding=1),
-        nn.ReLU(inplace=True),  # on the conv's temporary output: no extra buffer (measured faster, BENCHMARKS.md)
-        nn.Conv2d(hidden_channels, hidden_channels, 1),
-        nn.ReLU(inplace=True),
-        ZeroConv2d(hidden_channels, out_channels),
-    )
+    if norm not in COUPLING_NORMS:
+        raise ValueError(f"coupling_norm must be one of {COUPLING_NORMS}, got {norm!r}")
+    normed = norm == "actnorm"
+    hidden: list[nn.Module] = []
+    for conv in (
+        nn.Conv2d(in_channels, hidden_channels, 3, padding=1, bias=not normed),
+        nn.Conv2d(hidden_channels, hidden_channels, 1, bias=not normed),
+    ):
+        if normed:
+            nn.init.normal_(conv.weight, 0.0, 0.05)
+        # ReLU in place on the conv's (or ActNorm's) temporary output: no extra buffer (measured faster, BENCHMARKS.md)
+        hidden += (
+            [conv, NetActNorm(hidden_channels), nn.ReLU(inplace=True)] if normed else [conv, nn.ReLU(inplace=True)]
+        )
+    net = nn.Sequential(*hidden, ZeroConv2d(hidden_channels, out_channels))
     for module in net.modules():
         if isinstance(module, nn.Conv2d):
             module.to(memory_format=torch.channels_last)
@@ -234,12 +262,12 @@ class CouplingLayer(nn.Module):
     ``y_b = x_b + shift``, with ``(shift, raw) = NN(x_a)``; ``y_a = x_a``.
     """
 
-    def __init__(self, channels: int, hidden_channels: int, coupling: Coupling = "affine"):
+    def __init__(self, channels: int, hidden_channels: int, coupling: Coupling = "affine", norm: CouplingNorm = "none"):
         super().__init__()
         self.affine = coupling == "affine"
         self.split = channels // 2
         out = 2 * (channels - self.split) if self.affine else channels - self.split
-        self.net = coupling_net(self.split, hidden_channels, out)
+        self.net = coupling_net(self.split, hidden_channels, out, norm)
         self.recompute_net = False  # memory saving: keep no NN activations, recompute them in backward
 
     def _shift_and_scale(self, x_a: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -294,6 +322,7 @@ class FlowStep(nn.Module):
         hidden_channels: int,
         coupling: Coupling = "affine",
         permutation: Permutation = "invconv_lu",
+        coupling_norm: CouplingNorm = "none",
     ):
         super().__init__()
         self.actnorm = ActNorm(channels)
@@ -301,7 +330,7 @@ class FlowStep(nn.Module):
             self.permute = InvConv1x1(channels, lu=permutation == "invconv_lu")
         else:
             self.permute = Permute(channels, permutation)
-        self.coupling = CouplingLayer(channels, hidden_channels, coupling)
+        self.coupling = CouplingLayer(channels, hidden_channels, coupling, coupling_norm)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x, ld0 = self.actnorm(x)

@@ -1,6 +1,6 @@
 """What a trained Glow has learned, as images: reconstructions, latent interpolations, image grids.
 
-Pure PyTorch (plus ``torchvision.utils.make_grid``), no Lightning. Kingma & Dhariwal (2018):
+Pure PyTorch (plus ``torchvision.utils.make_grid``, and PIL's default font for the header rows), no Lightning. Kingma & Dhariwal (2018):
 section 5 / figure 8 (samples at temperature T), figure 5 (linear interpolation in latent space
 between two real images). Spherical interpolation (slerp) follows White (2016), "Sampling
 Generative Networks", which argues it stays closer to the prior's typical set than a straight line.
@@ -159,3 +159,34 @@ def interpolation_grid(
     labels_a, labels_b = (labels[a], labels[b]) if labels is not None else (None, None)
     images = interpolate(flow, bins[a], bins[b], steps, method, labels_a, labels_b)
     return image_grid(images, flow.n_bits, steps)
+
+
+def upscale(grid: Tensor, scale: int) -> Tensor:
+    """(C, H, W) -> (C, scale * H, scale * W), nearest neighbour: each pixel becomes a scale x scale block, so the
+    pixels stay exact (no smoothing between the images' pixels)."""
+    if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
+        raise ValueError(f"scale must be an integer >= 1, got {scale!r}")
+    return grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2) if scale > 1 else grid
+
+
+HEADER_HEIGHT = 14  # pixels: one line of PIL's default font
+
+
+def with_header(grid: Tensor, text: str, height: int = HEADER_HEIGHT) -> Tensor:
+    """A (3, H, W) grid with a white band of ``height`` pixels on top holding ``text`` in black (PIL's default
+    font); a grid narrower than the text is padded with white on the right."""
+    from PIL import Image, ImageDraw
+    from torchvision.transforms.functional import pil_to_tensor
+
+    width = max(grid.shape[2], int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text)) + 4)
+    band = Image.new("RGB", (width, height), "white")
+    ImageDraw.Draw(band).text((2, 1), text, fill="black")
+    grid = F.pad(grid.cpu(), (0, width - grid.shape[2]), value=1.0)
+    return torch.cat([pil_to_tensor(band).float() / 255, grid], dim=1)
+
+
+def labelled(grid: Tensor, header: str | None = None, scale: int = 1) -> Tensor:
+    """A display grid as written to PNG files: with a header row saying what it shows (``T=0.7``,
+    ``target | reconstruction``, ...) when ``header`` is given, all upscaled ``scale`` times (the header's text
+    too, so it stays in proportion)."""
+    return upscale(with_header(grid, header) if header else grid, scale)

@@ -1,0 +1,166 @@
+"""The training recipe options of issue 18: openai/glow's coupling network and a warmup / schedule planned
+from the run's length (``warmup_fraction``), resolved once and kept in the checkpoint."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from glow_lightning import Glow
+from glow_lightning.cli import main
+from glow_lightning.flow.layers import CouplingLayer, FlowStep, NetActNorm
+from glow_lightning.io import load_checkpoint_file
+from glow_lightning.module import GlowModule
+
+from .conftest import fit_args
+from .reliability_helpers import LrRecorder
+
+QUICK = ["--trainer.num_sanity_val_steps", "0", "--samples.every_n_epochs", "0", "--reconstructions.every_n_epochs", "0",
+         "--interpolations.every_n_epochs", "0", "--invertibility.every_n_epochs", "0"]  # fmt: skip
+RECORD = ["--trainer.callbacks+", "tests.reliability_helpers.LrRecorder"]
+
+
+def recorded(cli) -> list[tuple[int, float]]:
+    return next(c for c in cli.trainer.callbacks if isinstance(c, LrRecorder)).lrs
+
+
+# ------------------------------------------------------------------ coupling_norm
+def test_actnorm_coupling_network_is_openai_glows_and_initialised_from_data():
+    layer = CouplingLayer(4, 16, "affine", "actnorm")
+    convs = [m for m in layer.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.bias is None for c in convs[:2]] == [True, True]  # hidden convolutions: no bias, ActNorm instead
+    assert sum(isinstance(m, NetActNorm) for m in layer.net.modules()) == 2
+    assert CouplingLayer(4, 16, "affine").net[0].bias is not None  # "none": today's network
+
+    flow = Glow(in_channels=1, image_size=8, levels=2, steps_per_level=2, hidden_channels=16, coupling_norm="actnorm")
+    assert not flow.is_initialized  # the hidden ActNorms count too
+    x = torch.rand(64, 1, 8, 8)
+    flow.initialize(x)
+    assert flow.is_initialized
+    # after the data-dependent init, the first hidden ActNorm's output is standardized on that batch
+    first = flow.steps[0][0]
+    captured = {}
+    first.coupling.net[1].register_forward_hook(lambda m, i, out: captured.update(h=out.clone()))  # before the ReLU
+    with torch.no_grad():
+        flow.log_prob(x)  # the same batch through the same path as the initialisation
+    h = captured["h"]
+    assert torch.allclose(h.mean((0, 2, 3)), torch.zeros(16), atol=1e-4)
+    assert torch.allclose(h.std((0, 2, 3), unbiased=False), torch.ones(16), atol=1e-3)
+
+
+def test_actnorm_flow_step_is_exactly_invertible_with_the_jacobians_logdet():
+    from .test_layers import brute_force_logdet, perturb
+
+    step = perturb(FlowStep(4, 8, "affine", "invconv_lu", "actnorm"), scale=0.3)
+    x = torch.randn(2, 4, 2, 2)
+    y, logdet = step(x)
+    x_back, inverse_logdet = step.inverse(y)
+    assert torch.allclose(x_back, x, atol=1e-5) and torch.allclose(inverse_logdet, -logdet, atol=1e-4)
+    assert torch.allclose(logdet, brute_force_logdet(step, x), atol=1e-4)
+
+
+def test_a_bad_coupling_norm_is_one_clear_error():
+    with pytest.raises(ValueError, match="coupling_norm must be one of .* got 'batchnorm'"):
+        Glow(in_channels=1, image_size=8, levels=1, steps_per_level=1, hidden_channels=8, coupling_norm="batchnorm")
+
+
+def test_a_checkpoint_from_before_coupling_norm_loads_as_the_biased_network(tmp_path, cifar_dir, capsys):
+    """Checkpoints without the key hold today's network ("none"), whatever the default becomes."""
+    run = str(tmp_path / "old")
+    main(fit_args(cifar_dir, run, "--trainer.max_steps", "2", "--model.coupling_norm", "none", *QUICK))
+    path = os.path.join(run, "checkpoints", "last.ckpt")
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["hyper_parameters"]["coupling_norm"]  # as written before the option existed
+    old = str(tmp_path / "old.ckpt")
+    torch.save(ckpt, old)
+    assert Glow.from_checkpoint(old).config["coupling_norm"] == "none"
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
+    module = GlowModule(**{**hparams, "coupling_norm": "actnorm"})
+    with pytest.raises(ValueError, match="coupling_norm: checkpoint 'none' vs this model 'actnorm'"):
+        module.on_load_checkpoint(ckpt)
+    tested = main(["test", *fit_args(cifar_dir, str(tmp_path / "t"))[1:], "--ckpt_path", old])
+    assert tested.model.hparams.coupling_norm == "none"
+
+
+# ------------------------------------------------------------------ warmup_fraction and the planned schedule
+def test_warmup_fraction_and_cosine_are_planned_from_max_steps_and_kept_in_the_checkpoint(tmp_path, cifar_dir, capsys):
+    run = str(tmp_path)
+    plan = ["--model.warmup_fraction", "0.25", "--model.schedule", "cosine", "--trainer.max_steps", "8"]
+    cli = main(fit_args(cifar_dir, run, *plan, *QUICK, *RECORD))
+    assert "glow: lr schedule: warmup 2 steps, then cosine decay to 0 at step 8 (planned steps: 8 by max_steps)" in (
+        capsys.readouterr().out
+    )
+    module = cli.model
+    assert module.lr_plan["warmup"] == 2 and module.lr_plan["total"] == 8
+    lr = module.hparams.lr
+    expected = [lr * min(1.0, (s + 1) / 2) * (0.5 * (1 + math.cos(math.pi * (s - 2) / 6)) if s >= 2 else 1.0)
+                for s in range(8)]  # fmt: skip
+    assert [s for s, _ in recorded(cli)] == list(range(8))
+    assert [v for _, v in recorded(cli)] == pytest.approx(expected, rel=1e-9)
+    saved = load_checkpoint_file(os.path.join(run, "checkpoints", "last.ckpt"))["lr_plan"]
+    assert (saved["warmup"], saved["total"]) == (2, 8)
+
+
+def test_a_max_time_plan_comes_from_the_timed_steps(tmp_path, cifar_dir, monkeypatch):
+    """With only max_time, the planned steps are the steps that fit at the measured pace (clock injected:
+    1 s per step, so the plan is exact and the test does not depend on this machine's speed)."""
+    import glow_lightning.module as module_file
+
+    clock = {"t": 0.0}
+
+    class Clock:
+        @staticmethod
+        def perf_counter():
+            return clock["t"]
+
+    class Tick(LrRecorder):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            clock["t"] += 1.0
+
+    monkeypatch.setattr(module_file, "time", Clock)
+    monkeypatch.setattr(GlowModule, "PLAN_SKIP", 1)
+    monkeypatch.setattr(GlowModule, "PLAN_TIMED", 2)
+    monkeypatch.setattr(GlowModule, "PLAN_SHARE", 0.0)
+    monkeypatch.setattr("tests.reliability_helpers.LrRecorder", Tick)
+    plan = ["--model.warmup_fraction", "0.5", "--model.schedule", "cosine", "--trainer.max_epochs", "-1",
+            "--trainer.max_time", "00:01:00:00", "--trainer.max_steps", "6"]  # fmt: skip
+    # the Timer counts real time (an hour: the run ends by max_steps); the step time comes from the injected clock
+    cli = main(fit_args(cifar_dir, str(tmp_path), *plan, *QUICK, *RECORD))
+    module = cli.model
+    assert module.lr_plan["total"] == 6 and "max_steps" in module.lr_plan["source"]  # the smaller limit wins
+
+    # a short max_time, a large max_steps: at the injected 1 s/step, the time limit plans fewer steps
+    time_limited = ["--model.warmup_fraction", "0.5", "--model.schedule", "cosine", "--trainer.max_epochs", "-1",
+                    "--trainer.max_time", "00:00:00:05", "--trainer.max_steps", "10"]  # fmt: skip
+    cli = main(fit_args(cifar_dir, str(tmp_path / "by_time"), *time_limited, *QUICK, *RECORD))
+    module = cli.model
+    # timed from step 1 over 2 steps: planned = step 3 + the seconds left of 5 (real time) at 1 s/step
+    assert "in max_time at 1 s/step" in module.lr_plan["source"]
+    assert 3 < module.lr_plan["total"] <= 8 and module.lr_plan["warmup"] == round(0.5 * module.lr_plan["total"])
+
+
+def test_a_resume_continues_the_checkpoints_plan_and_replans_when_its_settings_change(tmp_path, cifar_dir, capsys):
+    run = str(tmp_path)
+    args = fit_args(cifar_dir, run, "--model.warmup_fraction", "0.25", "--model.schedule", "cosine",
+                    "--trainer.max_steps", "8", "--trainer.max_epochs", "10", *QUICK)  # fmt: skip
+    first = main(args + ["--trainer.callbacks+", "tests.reliability_helpers.StopAfterEpoch"])  # step 4 of 8
+    assert first.trainer.global_step == 4
+    capsys.readouterr()
+    resumed = main(args + ["--ckpt_path", "last", *RECORD])
+    assert "glow: lr schedule" not in capsys.readouterr().out  # the checkpoint's plan, as it was
+    lr = resumed.model.hparams.lr
+    cosine = [lr * 0.5 * (1 + math.cos(math.pi * (s - 2) / 6)) for s in range(4, 8)]
+    assert [s for s, _ in recorded(resumed)] == [4, 5, 6, 7]
+    assert [v for _, v in recorded(resumed)] == pytest.approx(cosine, rel=1e-9)
+
+    longer = main(args + ["--ckpt_path", "last", "--trainer.max_steps", "12"])  # another limit: planned again
+    assert "glow: lr schedule: warmup 3 steps, then cosine decay to 0 at step 12" in capsys.readouterr().out
+    assert longer.model.lr_plan["total"] == 12 and longer.trainer.global_step == 12
+
+
+def test_warmup_fraction_must_be_a_fraction():
+    with pytest.raises(ValueError, match="warmup_fraction must be between 0 and 1"):
+        GlowModule(warmup_fraction=1.5)
