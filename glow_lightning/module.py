@@ -93,11 +93,12 @@ class GlowModule(L.LightningModule):
         lr: peak learning rate, reached after the warmup.
         weight_decay: L2 penalty added by the optimizer (0 = off).
         warmup_steps: optimizer steps of linear learning-rate warmup from 0 (0 = off).
-        warmup_fraction: if set (0 < f < 1), the warmup is this fraction of the planned optimizer steps
-            instead of ``warmup_steps``: a short run and a long one both warm up for the same share of their
-            run. The planned steps are resolved once, at the start of fit: from ``max_steps``, or ``max_epochs`` x
-            the batches per epoch, or, with ``max_time``, from the step time measured over the first steps (the
-            run then ends at whichever limit comes first); ``glow fit`` prints the result, the checkpoint keeps it.
+        warmup_fraction: if set (0 < f < 1), the warmup is at most this fraction of the planned optimizer steps:
+            ``min(warmup_steps, f x planned)``, so a short run is not spent warming up and a long one keeps
+            ``warmup_steps``. The planned steps are resolved once, at the start of fit: from ``max_steps``, or
+            ``max_epochs`` x the batches per epoch, or, with ``max_time``, from the step time measured over the first
+            2% of it (the run then ends at whichever limit comes first); ``glow fit`` prints the result, the
+            checkpoint keeps it.
         schedule: after the warmup, keep the learning rate ``constant`` or decay it to zero with a
             ``cosine`` over the rest of the planned steps (resolved as for ``warmup_fraction``).
         init_batch_size: training images used for ActNorm's data-dependent initialisation.
@@ -387,7 +388,9 @@ class GlowModule(L.LightningModule):
                 "warmup_fraction needs a planned run length: set --trainer.max_steps, --trainer.max_epochs or "
                 "--trainer.max_time"
             )
-        warmup = max(1, round(fraction * total)) if fraction is not None else self.hparams.warmup_steps
+        warmup = self.hparams.warmup_steps
+        if fraction is not None:  # a short run warms up for its share; a long one for warmup_steps
+            warmup = min(warmup, max(1, round(fraction * total)))
         self.lr_plan = {"warmup": warmup, "total": total, "source": source, "inputs": self._plan_inputs()}
         if self.hparams.schedule == "cosine" and total is not None:
             after = f"cosine decay to 0 at step {total:,}"

@@ -88,7 +88,8 @@ def test_a_checkpoint_from_before_coupling_norm_loads_as_the_biased_network(tmp_
 # ------------------------------------------------------------------ warmup_fraction and the planned schedule
 def test_warmup_fraction_and_cosine_are_planned_from_max_steps_and_kept_in_the_checkpoint(tmp_path, cifar_dir, capsys):
     run = str(tmp_path)
-    plan = ["--model.warmup_fraction", "0.25", "--model.schedule", "cosine", "--trainer.max_steps", "8"]
+    plan = ["--model.warmup_steps", "100", "--model.warmup_fraction", "0.25", "--model.schedule", "cosine",
+            "--trainer.max_steps", "8"]  # fmt: skip
     cli = main(fit_args(cifar_dir, run, *plan, *QUICK, *RECORD))
     assert "glow: lr schedule: warmup 2 steps, then cosine decay to 0 at step 8 (planned steps: 8 by max_steps)" in (
         capsys.readouterr().out
@@ -133,7 +134,7 @@ def test_a_max_time_plan_comes_from_the_timed_steps(tmp_path, cifar_dir, monkeyp
     assert module.lr_plan["total"] == 6 and "max_steps" in module.lr_plan["source"]  # the smaller limit wins
 
     # a short max_time, a large max_steps: at the injected 1 s/step, the time limit plans fewer steps
-    time_limited = ["--model.warmup_fraction", "0.5", "--model.schedule", "cosine", "--trainer.max_epochs", "-1",
+    time_limited = ["--model.warmup_steps", "1000", "--model.warmup_fraction", "0.5", "--model.schedule", "cosine", "--trainer.max_epochs", "-1",
                     "--trainer.max_time", "00:00:00:05", "--trainer.max_steps", "10"]  # fmt: skip
     cli = main(fit_args(cifar_dir, str(tmp_path / "by_time"), *time_limited, *QUICK, *RECORD))
     module = cli.model
@@ -144,7 +145,7 @@ def test_a_max_time_plan_comes_from_the_timed_steps(tmp_path, cifar_dir, monkeyp
 
 def test_a_resume_continues_the_checkpoints_plan_and_replans_when_its_settings_change(tmp_path, cifar_dir, capsys):
     run = str(tmp_path)
-    args = fit_args(cifar_dir, run, "--model.warmup_fraction", "0.25", "--model.schedule", "cosine",
+    args = fit_args(cifar_dir, run, "--model.warmup_steps", "100", "--model.warmup_fraction", "0.25", "--model.schedule", "cosine",
                     "--trainer.max_steps", "8", "--trainer.max_epochs", "10", *QUICK)  # fmt: skip
     first = main(args + ["--trainer.callbacks+", "tests.reliability_helpers.StopAfterEpoch"])  # step 4 of 8
     assert first.trainer.global_step == 4
