@@ -190,7 +190,7 @@ def main() -> None:
     p.add_argument("--hidden-channels", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="bare loops' peak lr")
-    p.add_argument("--coupling-norm", default="none", choices=["none", "actnorm"], help="bare loop's Glow")
+    p.add_argument("--coupling-norm", default="actnorm", choices=["none", "actnorm"], help="the bare loop's Glow")
     p.add_argument("--fit-args", default="", help="extra `glow fit` flags (an A/B candidate)")
     p.add_argument("--tag", default="", help="a name for this fit variant in the table")
     p.add_argument("--out", default=None, help="run folder (default: a temporary one)")

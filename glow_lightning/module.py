@@ -134,7 +134,7 @@ class GlowModule(L.LightningModule):
         hidden_channels: int = 512,
         coupling: Coupling = "affine",
         permutation: Permutation = "invconv_lu",
-        coupling_norm: CouplingNorm = "none",
+        coupling_norm: CouplingNorm = "actnorm",
         learn_top: bool = True,
         n_bits: int = 8,
         num_classes: int = 0,

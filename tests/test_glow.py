@@ -141,7 +141,7 @@ def test_class_conditional_prior_uses_labels():
     x = torch.rand(4, 3, 8, 8)
     labels = torch.tensor([0, 1, 2, 0])
     flow.initialize(x, labels)
-    perturb(flow, scale=0.1)
+    perturb(flow, scale=0.01)  # larger moves of the ActNorm-amplified coupling nets overflow an untrained flow
     a = flow.log_prob(x, labels)
     b = flow.log_prob(x, torch.tensor([1, 2, 0, 1]))
     assert not torch.allclose(a, b)

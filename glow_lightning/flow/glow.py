@@ -136,7 +136,7 @@ class Glow(nn.Module):
         learn_top: bool = True,
         n_bits: int = 8,
         num_classes: int = 0,
-        coupling_norm: CouplingNorm = "none",
+        coupling_norm: CouplingNorm = "actnorm",
         compile: bool | CompileMode = False,
         memory_saving: bool | MemorySaving = False,
     ):
