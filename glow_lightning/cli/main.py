@@ -55,6 +55,7 @@ import re
 import signal
 import sys
 
+import torch
 from fsspec.core import url_to_fs
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -561,5 +562,13 @@ def stopped(stop: SIGTERMException) -> int:
 
 
 def entry() -> None:
-    """The ``glow`` console script (``main`` without a return value, which sys.exit would print)."""
-    main()
+    """The ``glow`` console script (``main`` without a return value, which sys.exit would print).
+
+    The process group of a DDP run ends here: Lightning destroys NCCL groups only, and a CPU rank that exits
+    with its gloo group alive can abort (SIGABRT, "terminate called without an active exception") after a
+    finished run (seen with ddp_spawn ranks, torch 2.14)."""
+    try:
+        main()
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -26,14 +26,20 @@ CouplingNorm = Literal["none", "actnorm"]
 COUPLING_NORMS = ("none", "actnorm")
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def float32(fn):
-    """Run ``fn`` in float32 with autocast off (DESIGN.md rule 3): log-dets, 1x1 conv, priors, loss."""
+    """Run ``fn`` in float32 with autocast off (DESIGN.md rule 3): log-dets, 1x1 conv, priors, loss.
+
+    Half-precision tensors (bf16, fp16) are raised to float32; float64 stays float64, so a ``flow.double()``
+    runs wholly in float64 (the exactness checks of reversible backprop use it)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         device_type = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
         with torch.autocast(device_type, enabled=False):
-            args = [a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
+            args = [a.float() if isinstance(a, Tensor) and a.dtype in _HALF else a for a in args]
             return fn(*args, **kwargs)
 
     return wrapper
@@ -151,11 +157,11 @@ class InvConv1x1(nn.Module):
     def _logdet_per_pixel(self, weight: Tensor) -> Tensor:
         if self.lu:
             return self.log_s.sum()
-        return torch.linalg.slogdet(weight.double())[1].float()
+        return torch.linalg.slogdet(weight.double())[1].to(weight.dtype)
 
     def _inverse_and_logdet(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         # inv_ex: no error check, which would sync with the device (the reversible backward inverts every step)
-        return torch.linalg.inv_ex(weight.double()).inverse.float(), self._logdet_per_pixel(weight)
+        return torch.linalg.inv_ex(weight.double()).inverse.to(weight.dtype), self._logdet_per_pixel(weight)
 
     @float32
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -291,7 +297,7 @@ class CouplingLayer(nn.Module):
     @float32
     def _logdet(scale: Tensor | None, like: Tensor) -> Tensor:
         if scale is None:
-            return like.new_zeros(like.shape[0], dtype=torch.float32)
+            return like.new_zeros(like.shape[0], dtype=torch.promote_types(like.dtype, torch.float32))
         return torch.log(scale).flatten(1).sum(1)
 
     @staticmethod
