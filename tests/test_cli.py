@@ -267,3 +267,27 @@ def test_glow_configs_lists_every_packaged_config(capsys):
     out = capsys.readouterr().out
     names = sorted(f for f in os.listdir(CONFIGS_DIR) if f.endswith(".yaml"))
     assert "cifar.yaml" in names and all(f"  {name}" in out for name in names)
+
+
+@pytest.mark.slow
+def test_the_cpu_quick_start_overlay_trains_mnist_and_writes_6x6_grids_at_3x(tmp_path, capsys):
+    """README "First model on a CPU": ``--config mnist.yaml --config cpu.yaml`` (here on an MNIST fixture, stopped
+    after 2 steps instead of 10 minutes): the small model, its lr plan line and 6 x 6 sample grids upscaled 3x."""
+    from PIL import Image
+
+    from .fixtures import write_mnist
+
+    data = write_mnist(str(tmp_path / "data"), train_size=40, test_size=10)
+    root = str(tmp_path / "run")
+    cli = run_cli([
+        "fit", "--config", "mnist.yaml", "--config", "cpu.yaml", "--data.data_dir", data, "--data.download", "false",
+        "--data.val_size", "8", "--data.num_workers", "0", "--trainer.default_root_dir", root,
+        "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "--model.init_batch_size", "8",
+    ])  # fmt: skip
+    flow = cli.model.flow
+    assert (flow.levels, len(flow.steps[0]), flow.config["hidden_channels"]) == (2, 8, 128)
+    assert cli.datamodule.batch_size == 32 and cli.config["fit"]["trainer"]["max_time"] == "00:00:10:00"
+    assert "glow: lr schedule: resolved from the step time over the first 2% of max_time" in capsys.readouterr().out
+    grid = Image.open(os.path.join(root, "images", "samples_t0.7_epoch000.png"))
+    assert grid.width == 3 * (6 * (32 + 2) + 2)  # 6 columns of 32x32 digits, 2-pixel padding, 3x
+    assert os.path.exists(os.path.join(root, "checkpoints", "last.ckpt"))
