@@ -186,6 +186,7 @@ class GlowModule(L.LightningModule):
         self.lr_plan: dict[str, Any] | None = None  # the resolved warmup and schedule length (see resolve_lr_plan)
         self._loaded_lr_plan: dict[str, Any] | None = None
         self._plan_timing: tuple[int, float] | None = None  # (step, time) where the max_time step timing started
+        self._pace: list[tuple[int, float]] | None = None  # (step, time) marks a timed plan's re-plans time steps from
 
     # ------------------------------------------------------------------ steps
     def _labels(self, batch: dict) -> torch.Tensor | None:
@@ -338,8 +339,10 @@ class GlowModule(L.LightningModule):
 
         Uses :attr:`lr_plan` once resolved; before that (and outside fit) ``warmup_steps`` and the trainer's
         estimated steps."""
+        anchor = None
         if self.lr_plan is not None:
             warmup, total = self.lr_plan["warmup"], self.lr_plan["total"]
+            anchor = self.lr_plan.get("anchor")
         else:
             warmup, total = self.hparams.warmup_steps, None
         factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
@@ -348,13 +351,25 @@ class GlowModule(L.LightningModule):
                 total = self.trainer.estimated_stepping_batches
             total = max(total, warmup + 1)
             if math.isfinite(total):
-                progress = min(1.0, (step - warmup) / (total - warmup))
-                factor *= 0.5 * (1.0 + math.cos(math.pi * progress))
+                factor *= 0.5 * (1.0 + math.cos(math.pi * self._progress(step, warmup, total, anchor)))
         return factor
+
+    @staticmethod
+    def _progress(step: int, warmup: int, total: float, anchor: list | None) -> float:
+        """The cosine's progress (0..1) at ``step``: linear from the end of warmup to ``total``, or, after a
+        max_time re-plan, linear from the ``anchor`` (step, progress there) to ``total``, so the lr stays
+        continuous when the planned end moves."""
+        start, done = anchor if anchor is not None else (warmup, 0.0)
+        if step < start:  # before the last re-plan (not used in training: the lr is only asked for now)
+            return done * (step - warmup) / max(start - warmup, 1)
+        return min(1.0, done + (1.0 - done) * (step - start) / max(total - start, 1))
 
     # a max_time plan times the steps after PLAN_SKIP (allocator and kernel warm-up), over at least PLAN_TIMED steps
     # and PLAN_SHARE of the time limit: planning too few steps would leave the run's end at lr 0
     PLAN_SKIP, PLAN_TIMED, PLAN_SHARE = 5, 20, 0.02
+    # then the plan is made again every REPLAN_SHARE of the planned steps from the mean step time so far, so a
+    # slow start (another program busy while the first steps were timed) does not leave the run's end at lr 0
+    REPLAN_SHARE = 0.05
 
     def _plan_inputs(self) -> dict[str, Any]:
         trainer = self.trainer
@@ -379,8 +394,11 @@ class GlowModule(L.LightningModule):
     def _needs_plan(self) -> bool:
         return self.hparams.warmup_fraction is not None or self.hparams.schedule == "cosine"
 
-    def resolve_lr_plan(self, planned_steps: float, source: str) -> None:
-        """Fix the warmup and the schedule's length from the planned optimizer steps; print it in one line."""
+    def resolve_lr_plan(self, planned_steps: float, source: str, timed: bool = False) -> None:
+        """Fix the warmup and the schedule's length from the planned optimizer steps; print it in one line.
+
+        ``timed``: the plan comes from a max_time (and the step time); it is made again every
+        ``REPLAN_SHARE`` of its steps (:meth:`_replan`)."""
         total = int(planned_steps) if math.isfinite(planned_steps) else None
         fraction = self.hparams.warmup_fraction
         if fraction is not None and total is None:
@@ -392,6 +410,9 @@ class GlowModule(L.LightningModule):
         if fraction is not None:  # a short run warms up for its share; a long one for warmup_steps
             warmup = min(warmup, max(1, round(fraction * total)))
         self.lr_plan = {"warmup": warmup, "total": total, "source": source, "inputs": self._plan_inputs()}
+        if timed and total is not None:
+            self.lr_plan["every"] = max(self.PLAN_TIMED, round(self.REPLAN_SHARE * total))
+            self.lr_plan["planned_at"] = self.trainer.global_step
         if self.hparams.schedule == "cosine" and total is not None:
             after = f"cosine decay to 0 at step {total:,}"
         else:
@@ -410,8 +431,11 @@ class GlowModule(L.LightningModule):
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """With ``max_time``: time the first steps, then resolve the plan (steps at this pace until the limit)."""
+        """With ``max_time``: time the first steps, then resolve the plan (steps at this pace until the limit);
+        from then on, make it again every ``lr_plan["every"]`` steps at the mean pace so far."""
         if self._plan_timing is None:
+            if self.lr_plan is not None and "every" in self.lr_plan:
+                self._replan()
             return
         step = self.trainer.global_step
         start_step, start_time = self._plan_timing
@@ -430,10 +454,41 @@ class GlowModule(L.LightningModule):
         by_time = self.trainer.strategy.broadcast(step + timer.time_remaining("train") / step_time, src=0)  # one plan
         by_count = self.trainer.estimated_stepping_batches
         self._plan_timing = None
+        self._pace = [(start_step, start_time)]  # (step, time) marks: the re-plans time the steps from them
         if by_count <= by_time:
-            self.resolve_lr_plan(by_count, f"{by_count:,} by max_steps / max_epochs")
+            self.resolve_lr_plan(by_count, f"{by_count:,} by max_steps / max_epochs", timed=True)
         else:
-            self.resolve_lr_plan(by_time, f"{int(by_time):,} in max_time at {step_time:.3g} s/step")
+            self.resolve_lr_plan(by_time, f"{int(by_time):,} in max_time at {step_time:.3g} s/step", timed=True)
+
+    def _replan(self) -> None:
+        """Every ``lr_plan["every"]`` steps (the same steps on every rank): the planned end again, from rank 0's
+        step time over the latter half of the timed steps (validation included) and the time left. The cosine goes on from
+        its progress at this step to the new end (:meth:`_progress`), so the lr does not jump."""
+        plan, step = self.lr_plan, self.trainer.global_step
+        timer = self._timer()
+        if not self._pace or timer is None:  # a resumed run: its pace is timed from here
+            self._pace = [(step, time.perf_counter())]
+            return
+        if step - plan["planned_at"] < plan["every"] or step <= self._pace[0][0]:
+            return
+        now = time.perf_counter()
+        # the pace over the latter half of the steps timed so far at least: an early slow spell fades out,
+        # and the validations in that span count at their share of the time
+        since_step, since = [mark for mark in self._pace if mark[0] <= (self._pace[0][0] + step) / 2][-1]
+        step_time = (now - since) / (step - since_step)
+        self._pace.append((step, now))
+        by_time = self.trainer.strategy.broadcast(step + timer.time_remaining("train") / step_time, src=0)
+        new_total = max(int(min(self.trainer.estimated_stepping_batches, by_time)), step + 1)
+        old_total, warmup = plan["total"], plan["warmup"]
+        start = max(step, warmup)
+        done = self._progress(start, warmup, max(old_total, warmup + 1), plan.get("anchor"))
+        plan.update(total=max(new_total, start + 1), anchor=[start, done], planned_at=step)
+        if abs(new_total - old_total) > 0.1 * old_total:
+            say(
+                f"glow: lr schedule: cosine now ends at step {plan['total']:,} (was {old_total:,}; "
+                f"{step_time:.3g} s/step so far)"
+            )
+        self._apply_lr()
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:
@@ -450,7 +505,7 @@ class GlowModule(L.LightningModule):
 
     def _start_lr_plan(self) -> None:
         """Resolve the warmup / schedule plan (or reuse the checkpoint's, made from the same settings)."""
-        self.lr_plan, self._plan_timing = None, None
+        self.lr_plan, self._plan_timing, self._pace = None, None, None
         if not self._needs_plan():
             return
         loaded, inputs = self._loaded_lr_plan, self._plan_inputs()
