@@ -105,9 +105,9 @@ def test_warmup_fraction_and_cosine_are_planned_from_max_steps_and_kept_in_the_c
     assert (saved["warmup"], saved["total"]) == (2, 8)
 
 
-def test_a_max_time_plan_comes_from_the_timed_steps(tmp_path, cifar_dir, monkeypatch):
-    """With only max_time, the planned steps are the steps that fit at the measured pace (clock injected:
-    1 s per step, so the plan is exact and the test does not depend on this machine's speed)."""
+def inject_clock(monkeypatch, seconds_per_step) -> dict:
+    """GlowModule's step timing on an injected clock: each step takes ``seconds_per_step(global_step)`` seconds
+    (the LrRecorder of RECORD ticks it), timed from step 1 over 2 steps. Returns the clock ({"t": seconds})."""
     import glow_lightning.module as module_file
 
     clock = {"t": 0.0}
@@ -119,14 +119,21 @@ def test_a_max_time_plan_comes_from_the_timed_steps(tmp_path, cifar_dir, monkeyp
 
     class Tick(LrRecorder):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            clock["t"] += 1.0
+            clock["t"] += seconds_per_step(trainer.global_step)
 
     monkeypatch.setattr(module_file, "time", Clock)
     monkeypatch.setattr(GlowModule, "PLAN_SKIP", 1)
     monkeypatch.setattr(GlowModule, "PLAN_TIMED", 2)
     monkeypatch.setattr(GlowModule, "PLAN_SHARE", 0.0)
-    monkeypatch.setattr(GlowModule, "REPLAN_SHARE", 10.0)  # the first plan only (re-plans: the test below)
     monkeypatch.setattr("tests.reliability_helpers.LrRecorder", Tick)
+    return clock
+
+
+def test_a_max_time_plan_comes_from_the_timed_steps(tmp_path, cifar_dir, monkeypatch):
+    """With only max_time, the planned steps are the steps that fit at the measured pace (clock injected:
+    1 s per step, so the plan is exact and the test does not depend on this machine's speed)."""
+    inject_clock(monkeypatch, lambda step: 1.0)
+    monkeypatch.setattr(GlowModule, "REPLAN_SHARE", 10.0)  # the first plan only (re-plans: the test below)
     plan = ["--model.warmup_fraction", "0.5", "--model.schedule", "cosine", "--trainer.max_epochs", "-1",
             "--trainer.max_time", "00:01:00:00", "--trainer.max_steps", "6"]  # fmt: skip
     # the Timer counts real time (an hour: the run ends by max_steps); the step time comes from the injected clock
@@ -163,26 +170,9 @@ def test_a_slow_start_is_replanned_so_the_run_does_not_end_at_lr_0(replan, tmp_p
     40 s limit, not the 13 the first timing plans. Re-planning every 5% of the plan moves the cosine's end to the
     run's end, with no jump in the lr; without it (``replan=False``: the check can fail) the last steps run at lr 0,
     as a 10-minute MNIST run did (planned 2,978 steps, ran 4,776: BENCHMARKS.md section 5)."""
-    import glow_lightning.module as module_file
-
-    clock = {"t": 0.0}
-
-    class Clock:
-        @staticmethod
-        def perf_counter():
-            return clock["t"]
-
-    class Tick(LrRecorder):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            clock["t"] += 3.0 if trainer.global_step <= 8 else 1.0
-
-    monkeypatch.setattr(module_file, "time", Clock)
+    clock = inject_clock(monkeypatch, lambda step: 3.0 if step <= 8 else 1.0)
     monkeypatch.setattr(GlowModule, "_timer", lambda self: FakeTimer(clock))
-    monkeypatch.setattr(GlowModule, "PLAN_SKIP", 1)
-    monkeypatch.setattr(GlowModule, "PLAN_TIMED", 2)
-    monkeypatch.setattr(GlowModule, "PLAN_SHARE", 0.0)
     monkeypatch.setattr(GlowModule, "REPLAN_SHARE", 0.05 if replan else 10.0)
-    monkeypatch.setattr("tests.reliability_helpers.LrRecorder", Tick)
     args = ["--model.warmup_steps", "1000", "--model.warmup_fraction", "0.1", "--model.schedule", "cosine",
             "--trainer.max_epochs", "-1", "--trainer.max_time", "00:01:00:00", "--trainer.max_steps", "24"]  # fmt: skip
     cli = main(fit_args(cifar_dir, str(tmp_path), *args, *QUICK, *RECORD))
