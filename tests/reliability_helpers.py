@@ -37,6 +37,18 @@ class StopAfterEpoch(L.Callback):
             trainer.should_stop = True
 
 
+class StopAtStep(L.Callback):
+    """Ask the trainer to stop after optimizer step ``step``, as Lightning's Timer and EarlyStopping do
+    (so a validation runs at the stop, mid-epoch)."""
+
+    def __init__(self, step: int = 6):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
 class NanInput(L.Callback):
     """Put a NaN into the batch of optimizer step ``step``; remember the parameters around it."""
 

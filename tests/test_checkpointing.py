@@ -47,17 +47,23 @@ def test_last_ckpt_follows_every_validation_on_a_plateau(cifar_dir, tmp_path):
 
 
 @pytest.mark.parametrize("ema", [False, True], ids=["raw", "ema"])
-@pytest.mark.parametrize("stop", ["max_steps", "max_time"])
+@pytest.mark.parametrize("stop", ["max_steps", "max_time", "should_stop"])
 def test_last_ckpt_holds_the_final_step_of_a_run_stopped_mid_epoch(cifar_dir, tmp_path, stop, ema):
     run = str(tmp_path)
-    limit = ["--trainer.max_steps", "6"] if stop == "max_steps" else ["--trainer.max_time", "00:00:00:03"]
+    limit = {"max_steps": ["--trainer.max_steps", "6"], "max_time": ["--trainer.max_time", "00:00:00:03"],
+             # what max_time and EarlyStopping do: a validation runs at the stop, the best file is saved at epoch end
+             "should_stop": ["--trainer.callbacks+", f"{HELPERS}.StopAtStep"]}[stop]  # fmt: skip
     extra = ["--ema.decay", "0.9"] if ema else []
     cli = main(fit_args(cifar_dir, run, "--trainer.max_epochs", "1000", *QUICK, *limit, *extra))
     step = cli.trainer.global_step
-    if stop == "max_steps":
+    if stop != "max_time":
         assert step == 6  # mid-epoch: 4 batches per epoch
     last = load_checkpoint_file(os.path.join(run, "checkpoints", "last.ckpt"))
     assert last["global_step"] == step > 0
+    # the checkpoint callback's state in last.ckpt names the best file on disk (the one saved at this end)
+    state = next(v for k, v in last["callbacks"].items() if k.startswith("GlowCheckpoint"))
+    best = [name for name in os.listdir(os.path.join(run, "checkpoints")) if name != "last.ckpt"]
+    assert [os.path.basename(state["best_model_path"])] == best
     module = cli.trainer.lightning_module
     final = {k: v for k, v in module.state_dict().items()}
     weights = [k for k in last["state_dict"] if last["state_dict"][k].is_floating_point()]
