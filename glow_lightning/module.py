@@ -98,7 +98,8 @@ class GlowModule(L.LightningModule):
             ``warmup_steps``. The planned steps are resolved once, at the start of fit: from ``max_steps``, or
             ``max_epochs`` x the batches per epoch, or, with ``max_time``, from the step time measured over the first
             2% of it (the run then ends at whichever limit comes first); ``glow fit`` prints the result, the
-            checkpoint keeps it.
+            checkpoint keeps it. A resume with other limits plans again and moves the lr from the checkpoint's
+            plan to the new one over the new warmup's length.
         schedule: after the warmup, keep the learning rate ``constant`` or decay it to zero with a
             ``cosine`` over the rest of the planned steps (resolved as for ``warmup_fraction``).
         init_batch_size: training images used for ActNorm's data-dependent initialisation.
@@ -185,8 +186,10 @@ class GlowModule(L.LightningModule):
         self._log_epoch_bpd = True  # train/bpd_epoch is logged on the first batch of each epoch
         self.lr_plan: dict[str, Any] | None = None  # the resolved warmup and schedule length (see resolve_lr_plan)
         self._loaded_lr_plan: dict[str, Any] | None = None
-        self._plan_timing: tuple[int, float] | None = None  # (step, time) where the max_time step timing started
+        # (step, time) where max_time step timing started; (-1 - first step, 0.0) before it starts
+        self._plan_timing: tuple[int, float] | None = None
         self._pace: list[tuple[int, float]] | None = None  # (step, time) marks a timed plan's re-plans time steps from
+        self._resumed_factor: float | None = None  # a resume's lr factor under the checkpoint's plan, until re-planned
 
     # ------------------------------------------------------------------ steps
     def _labels(self, batch: dict) -> torch.Tensor | None:
@@ -352,6 +355,10 @@ class GlowModule(L.LightningModule):
             total = max(total, warmup + 1)
             if math.isfinite(total):
                 factor *= 0.5 * (1.0 + math.cos(math.pi * self._progress(step, warmup, total, anchor)))
+        ramp = self.lr_plan.get("ramp") if self.lr_plan is not None else None
+        if ramp is not None and ramp[0] <= step < ramp[0] + ramp[2]:  # a resume's way from the old plan to this one
+            start, before, length = ramp
+            factor = before + (factor - before) * (step - start) / length
         return factor
 
     @staticmethod
@@ -409,6 +416,7 @@ class GlowModule(L.LightningModule):
         warmup = self.hparams.warmup_steps
         if fraction is not None:  # a short run warms up for its share; a long one for warmup_steps
             warmup = min(warmup, max(1, round(fraction * total)))
+        before = self._resumed_factor
         self.lr_plan = {"warmup": warmup, "total": total, "source": source, "inputs": self._plan_inputs()}
         if timed and total is not None:
             self.lr_plan["every"] = max(self.PLAN_TIMED, round(self.REPLAN_SHARE * total))
@@ -418,6 +426,18 @@ class GlowModule(L.LightningModule):
         else:
             after = "constant" if self.hparams.schedule == "constant" else "cosine (no planned end: constant)"
         say(f"glow: lr schedule: warmup {warmup:,} steps, then {after} (planned steps: {source})")
+        if before is not None:
+            # a resume whose limits or schedule settings changed: the lr goes from where the checkpoint's plan has
+            # it now to the new plan over a warmup's length, not at once (a jump from a finished cosine's ~0 to the
+            # full lr undid a 10-minute MNIST run: val/bpd 1.26 -> 1.99)
+            step = self.trainer.global_step
+            length = max(1, warmup)
+            self.lr_plan["ramp"] = [step, before, length]
+            self._resumed_factor = None
+            say(
+                f"glow: lr schedule: resumed at step {step:,} with the checkpoint's plan at lr x{before:.3g}; "
+                f"it reaches the new plan over {length:,} steps"
+            )
         self._apply_lr()
 
     def _apply_lr(self) -> None:
@@ -440,7 +460,7 @@ class GlowModule(L.LightningModule):
         step = self.trainer.global_step
         start_step, start_time = self._plan_timing
         if start_step < 0:
-            if step >= self.PLAN_SKIP:
+            if step >= -1 - start_step + self.PLAN_SKIP:
                 self._plan_timing = (step, time.perf_counter())
             return
         timer = self._timer()
@@ -505,7 +525,7 @@ class GlowModule(L.LightningModule):
 
     def _start_lr_plan(self) -> None:
         """Resolve the warmup / schedule plan (or reuse the checkpoint's, made from the same settings)."""
-        self.lr_plan, self._plan_timing, self._pace = None, None, None
+        self.lr_plan, self._plan_timing, self._pace, self._resumed_factor = None, None, None, None
         if not self._needs_plan():
             return
         loaded, inputs = self._loaded_lr_plan, self._plan_inputs()
@@ -513,13 +533,22 @@ class GlowModule(L.LightningModule):
             self.lr_plan = dict(loaded)
             self._apply_lr()
             return
+        if loaded is not None and self.trainer.global_step > 0:  # a resume with other limits or schedule settings
+            self.lr_plan = dict(loaded) | {"inputs": None}
+            self._resumed_factor = self.lr_factor(self.trainer.global_step)
+            self.lr_plan.pop("every", None)  # the checkpoint's plan holds (while max_time times steps), not re-planned
         by_count = self.trainer.estimated_stepping_batches
         if self._timer() is not None:
-            self._plan_timing = (-1, 0.0)  # resolved after timing the first steps (on_train_batch_end)
+            # resolved after timing the first steps (on_train_batch_end), from PLAN_SKIP steps after this fit's first
+            self._plan_timing = (-1 - self.trainer.global_step, 0.0)
             if self.hparams.warmup_fraction is not None:
                 say(
                     f"glow: lr schedule: resolved from the step time over the first {self.PLAN_SHARE:.0%} of max_time "
-                    f"(warmup {self.hparams.warmup_steps:,} steps until then)"
+                    + (
+                        "(the checkpoint's plan until then)"
+                        if self._resumed_factor is not None
+                        else f"(warmup {self.hparams.warmup_steps:,} steps until then)"
+                    )
                 )
         else:
             source = f"{by_count:,} by max_steps" if self.trainer.max_steps > 0 else (

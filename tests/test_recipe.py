@@ -206,9 +206,42 @@ def test_a_resume_continues_the_checkpoints_plan_and_replans_when_its_settings_c
     assert [s for s, _ in recorded(resumed)] == [4, 5, 6, 7]
     assert [v for _, v in recorded(resumed)] == pytest.approx(cosine, rel=1e-9)
 
-    longer = main(args + ["--ckpt_path", "last", "--trainer.max_steps", "12"])  # another limit: planned again
-    assert "glow: lr schedule: warmup 3 steps, then cosine decay to 0 at step 12" in capsys.readouterr().out
+    longer = main(args + ["--ckpt_path", "last", "--trainer.max_steps", "12", *RECORD])  # another limit: planned again
+    out = capsys.readouterr().out
+    assert "glow: lr schedule: warmup 3 steps, then cosine decay to 0 at step 12" in out
+    assert "resumed at step 8 with the checkpoint's plan at lr x0; it reaches the new plan over 3 steps" in out
     assert longer.model.lr_plan["total"] == 12 and longer.trainer.global_step == 12
+    # from the finished cosine's 0 to the new one's value over 3 steps, not at once
+    new = [lr * 0.5 * (1 + math.cos(math.pi * (s - 3) / 9)) for s in range(8, 12)]
+    ramped = [new[i] * min(i, 3) / 3 for i in range(4)]
+    assert [v for _, v in recorded(longer)] == pytest.approx(ramped, rel=1e-9, abs=1e-15)
+
+
+def test_a_resume_with_a_later_max_time_goes_on_from_the_checkpoints_lr(tmp_path, cifar_dir, monkeypatch, capsys):
+    """To train longer, resume with a later limit: the new plan is timed again, and the lr goes on from the
+    finished plan's ~0 while it is timed, then rises to the new plan over a warmup's length. Before, the timed
+    steps ran at the full lr (no plan yet, past warmup_steps) and undid a 10-minute MNIST run (val/bpd 1.26 -> 1.99)."""
+    clock = inject_clock(monkeypatch, lambda step: 1.0)
+    limit = {"s": 20.0}
+    monkeypatch.setattr(GlowModule, "_timer", lambda self: FakeTimer(clock, limit["s"]))
+    run = str(tmp_path)
+    args = ["--model.warmup_steps", "1000", "--model.warmup_fraction", "0.1", "--model.schedule", "cosine",
+            "--trainer.max_epochs", "-1", "--trainer.max_time", "00:01:00:00", *QUICK, *RECORD]  # fmt: skip
+    first = main(fit_args(cifar_dir, run, *args, "--trainer.max_steps", "20"))
+    assert first.model.lr_plan["total"] == 20 and recorded(first)[-1][1] < 0.01 * first.model.hparams.lr
+    capsys.readouterr()
+    limit["s"] = 40.0  # the later limit: 20 more steps at 1 s/step
+    resumed = main(fit_args(cifar_dir, run, *args, "--trainer.max_steps", "40", "--ckpt_path", "last"))
+    out = capsys.readouterr().out
+    assert "(the checkpoint's plan until then)" in out and "cosine decay to 0 at step 40" in out
+    assert "resumed at step 23 with the checkpoint's plan at lr x0; it reaches the new plan over 4 steps" in out
+    lrs = [lr for _, lr in recorded(resumed)]
+    peak = resumed.model.hparams.lr
+    assert len(lrs) == 20 and lrs[0] < 0.01 * peak  # goes on from the finished plan
+    assert max(b - a for a, b in zip(lrs, lrs[1:])) < 0.3 * peak  # no jump
+    # after the ramp (steps 23..26), the new plan: as if the run had been planned for 40 steps from the start
+    new = [peak * 0.5 * (1 + math.cos(math.pi * (s - 4) / 36)) for s in range(27, 40)]
+    assert lrs[-13:] == pytest.approx(new, rel=1e-9) and max(lrs) > 0.25 * peak
 
 
 def test_warmup_fraction_must_be_a_fraction():
