@@ -44,28 +44,32 @@ class Ours(torch.nn.Module):
         return -self.flow.log_prob(x)  # (B,) nats
 
 
+def normflows_glow(c: int, L: int, K: int, hidden: int, s: int):
+    """normflows' MultiscaleFlow for ``c`` x ``s`` x ``s`` images: L levels of K GlowBlocks, as our Glow."""
+    import normflows as nf
+
+    q0, merges, flows = [], [], []
+    for i in range(L):  # i = 0 is the coarsest level in normflows' ordering
+        flows.append(
+            [nf.flows.GlowBlock(c * 2 ** (L + 1 - i), hidden, split_mode="channel", scale=True)
+             for _ in range(K)] + [nf.flows.Squeeze()]
+        )  # fmt: skip
+        if i > 0:
+            merges.append(nf.flows.Merge())
+            shape = (c * 2 ** (L - i), s // 2 ** (L - i), s // 2 ** (L - i))
+        else:
+            shape = (c * 2 ** (L + 1), s // 2**L, s // 2**L)
+        q0.append(nf.distributions.DiagGaussian(shape))
+    return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
+
+
 class NormflowsGlow(torch.nn.Module):
     """normflows' Glow at the same architecture: L levels x K GlowBlocks (affine coupling with sigmoid
     scale, LU 1x1 conv, actnorm), squeeze, split with a learned diagonal Gaussian per level."""
 
     def __init__(self, args):
         super().__init__()
-        import normflows as nf
-
-        c, L, K, s = 3, args.levels, args.steps_per_level, args.image_size
-        q0, merges, flows = [], [], []
-        for i in range(L):  # i = 0 is the coarsest level in normflows' ordering
-            flows.append(
-                [nf.flows.GlowBlock(c * 2 ** (L + 1 - i), args.hidden_channels, split_mode="channel", scale=True)
-                 for _ in range(K)] + [nf.flows.Squeeze()]
-            )  # fmt: skip
-            if i > 0:
-                merges.append(nf.flows.Merge())
-                shape = (c * 2 ** (L - i), s // 2 ** (L - i), s // 2 ** (L - i))
-            else:
-                shape = (c * 2 ** (L + 1), s // 2**L, s // 2**L)
-            q0.append(nf.distributions.DiagGaussian(shape))
-        self.model = nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
+        self.model = normflows_glow(3, args.levels, args.steps_per_level, args.hidden_channels, args.image_size)
 
     def init(self, x):
         with torch.no_grad():

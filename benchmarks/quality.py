@@ -61,22 +61,9 @@ def build(args, impl: str):
             hidden_channels=args.hidden_channels, coupling_norm=args.coupling_norm,
         )  # fmt: skip
         return flow, flow.initialize, lambda x: -flow.log_prob(x)
-    import normflows as nf
+    from benchmark import normflows_glow  # benchmarks/ is sys.path[0] when this file runs as a script
 
-    c, L, K, s = 1, args.levels, args.steps_per_level, args.image_size
-    q0, merges, flows = [], [], []
-    for i in range(L):  # i = 0 is the coarsest level in normflows' ordering
-        flows.append(
-            [nf.flows.GlowBlock(c * 2 ** (L + 1 - i), args.hidden_channels, split_mode="channel", scale=True)
-             for _ in range(K)] + [nf.flows.Squeeze()]
-        )  # fmt: skip
-        if i > 0:
-            merges.append(nf.flows.Merge())
-            shape = (c * 2 ** (L - i), s // 2 ** (L - i), s // 2 ** (L - i))
-        else:
-            shape = (c * 2 ** (L + 1), s // 2**L, s // 2**L)
-        q0.append(nf.distributions.DiagGaussian(shape))
-    model = nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
+    model = normflows_glow(1, args.levels, args.steps_per_level, args.hidden_channels, args.image_size)
 
     def init(x):
         with torch.no_grad():
