@@ -3,6 +3,7 @@ path (litdata's ``local:`` stand-in) and the same bits/dim as the in-memory data
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -75,6 +76,9 @@ def test_one_process_streams_every_image_once_per_epoch(converted):
     expected = split_indices(root, "train")
     assert sorted(first) == sorted(second) == expected and first != second  # reshuffled by litdata
     assert sorted(indices_of(dm.test_dataloader())) == list(range(10))
+    # per-item decode where litdata has the option: its windowed default made 2 workers 5x slower (BENCHMARKS.md)
+    if "batch_decode" in inspect.signature(litdata.StreamingDataset.__init__).parameters:
+        assert {dm.splits[split].batch_decode for split in ("train", "val", "test")} == {0}
 
 
 def test_mid_epoch_resume_covers_every_image_exactly_once(converted):
