@@ -157,6 +157,8 @@ def main(argv=None):
     p.add_argument("--steps-per-level", type=int, default=8)
     p.add_argument("--hidden-channels", type=int, default=256)
     p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--coupling-norm", choices=["actnorm", "none"], default="actnorm",
+                   help="our coupling network: openai/glow's (actnorm, the default) or a plain biased one")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["32", "bf16-mixed"], default="32")
@@ -191,7 +193,7 @@ def main(argv=None):
         if name == "normflows":
             model = NormflowsGlow(args)
         else:
-            options = {}
+            options = {"coupling_norm": args.coupling_norm}
             if "compile" in name:
                 options["compile"] = True if args.compile_mode == "default" else args.compile_mode
             if "memory" in name:
