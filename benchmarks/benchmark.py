@@ -157,6 +157,7 @@ def main(argv=None):
     p.add_argument("--steps-per-level", type=int, default=8)
     p.add_argument("--hidden-channels", type=int, default=256)
     p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--coupling", choices=["affine", "additive"], default="affine")
     p.add_argument("--coupling-norm", choices=["actnorm", "none"], default="actnorm",
                    help="our coupling network: openai/glow's (actnorm, the default) or a plain biased one")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=16)
@@ -193,7 +194,7 @@ def main(argv=None):
         if name == "normflows":
             model = NormflowsGlow(args)
         else:
-            options = {"coupling_norm": args.coupling_norm}
+            options = {"coupling_norm": args.coupling_norm, "coupling": args.coupling}
             if "compile" in name:
                 options["compile"] = True if args.compile_mode == "default" else args.compile_mode
             if "memory" in name:
