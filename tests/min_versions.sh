@@ -14,8 +14,9 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3.10}  # the oldest Python that requires-python admits (pyenv: PYTHON=~/.pyenv/versions/3.10.13/bin/python)
 VENV=${VENV:-${TMPDIR:-/tmp}/glow-min-versions}
-TESTS=${TESTS:-tests/test_layers.py tests/test_glow.py tests/test_data.py tests/test_metrics.py tests/test_ema.py \
-tests/test_cli.py tests/test_image_folders.py tests/test_speed.py::test_compile_raises_dynamo_recompile_limit_for_deep_flows}
+# the whole suite (~3 min; tests of optional extras that are not installed here skip): a subset once missed that
+# torch 2.6's compiler broke the graph in the flow's float32 wrapper and that jsonargparse 4.39 words errors otherwise
+TESTS=${TESTS:-tests}
 
 echo "== disk: $(df -h --output=avail "$(dirname "$VENV")" | tail -1 | tr -d ' ') free where the venv goes ($VENV)"
 rm -rf "$VENV"
@@ -55,7 +56,7 @@ echo "== installed in $(( $(date +%s) - start )) s; venv $(du -sh "$VENV" | cut 
 start=$(date +%s)
 set +e
 # shellcheck disable=SC2086  # TESTS is a list
-WANDB_MODE=offline "$PY" -m pytest -q -x -p no:cacheprovider -m "not slow" $TESTS
+WANDB_MODE=offline "$PY" -m pytest -q -p no:cacheprovider $TESTS
 rc=$?
 echo "== tests: exit code $rc in $(( $(date +%s) - start )) s"
 exit $rc

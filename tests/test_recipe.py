@@ -105,21 +105,33 @@ def test_warmup_fraction_and_cosine_are_planned_from_max_steps_and_kept_in_the_c
     assert (saved["warmup"], saved["total"]) == (2, 8)
 
 
+class Tick(LrRecorder):
+    """An LrRecorder that advances :func:`inject_clock`'s clock after each step (a module-level class: jsonargparse
+    4.39 cannot import a class defined in a function)."""
+
+    clock: dict = {"t": 0.0}
+
+    @staticmethod
+    def seconds_per_step(step: int) -> float:
+        return 1.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.clock["t"] += self.seconds_per_step(trainer.global_step)
+
+
 def inject_clock(monkeypatch, seconds_per_step) -> dict:
     """GlowModule's step timing on an injected clock: each step takes ``seconds_per_step(global_step)`` seconds
     (the LrRecorder of RECORD ticks it), timed from step 1 over 2 steps. Returns the clock ({"t": seconds})."""
     import glow_lightning.module as module_file
 
     clock = {"t": 0.0}
+    monkeypatch.setattr(Tick, "clock", clock)
+    monkeypatch.setattr(Tick, "seconds_per_step", staticmethod(seconds_per_step))
 
     class Clock:
         @staticmethod
         def perf_counter():
             return clock["t"]
-
-    class Tick(LrRecorder):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            clock["t"] += seconds_per_step(trainer.global_step)
 
     monkeypatch.setattr(module_file, "time", Clock)
     monkeypatch.setattr(GlowModule, "PLAN_SKIP", 1)

@@ -95,7 +95,8 @@ def test_invert_is_exact_in_float64(arch, coupling_norm):
             p.add_(0.05 * torch.randn_like(p))
     invert = Glow(**{**flow.config, "memory_saving": "invert"}).double()
     invert.load_state_dict(flow.state_dict())
-    assert_same_loss_and_gradients(flow, invert, x, rtol=1e-9, atol=1e-12)
+    # float64 rounding: |difference| up to ~1.4e-11 on gradients of size ~4 (torch 2.6; ~8e-12 on 2.14)
+    assert_same_loss_and_gradients(flow, invert, x, rtol=1e-9, atol=1e-10)
 
 
 def saved_bytes(flow: Glow, x: Tensor) -> tuple[int, list[tuple[int, ...]]]:

@@ -191,7 +191,10 @@ def condense(message: str) -> str:
         reasons = [x[2:] for x in lines if x.startswith("- ") and x != "- Expected a <class 'NoneType'>"]
         given = [x[len("Given value: ") :] for x in lines if x.startswith("Given value:") and len(x) < 80]
         lines = ["; ".join(reasons) + "".join(f", got {g}" for g in given)]
-    text = " ".join(lines)
+    # older jsonargparse (4.39) words an unknown key "Validation failed: Key 'k' is not expected": one wording for all
+    text = re.sub(
+        r"(?:Validation failed: )?Key '([^']+)' is not expected", r"Option '\1' is not accepted", " ".join(lines)
+    )
     return f"--{key.group(1)}: {text}" if key else text
 
 

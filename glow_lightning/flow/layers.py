@@ -37,7 +37,11 @@ def float32(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        device_type = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        device_type = "cpu"
+        for a in args:  # a plain loop: torch 2.6's dynamo breaks the graph on next() over a generator
+            if isinstance(a, Tensor):
+                device_type = a.device.type
+                break
         with torch.autocast(device_type, enabled=False):
             args = [a.float() if isinstance(a, Tensor) and a.dtype in _HALF else a for a in args]
             return fn(*args, **kwargs)
