@@ -186,8 +186,8 @@ class GlowModule(L.LightningModule):
         self._log_epoch_bpd = True  # train/bpd_epoch is logged on the first batch of each epoch
         self.lr_plan: dict[str, Any] | None = None  # the resolved warmup and schedule length (see resolve_lr_plan)
         self._loaded_lr_plan: dict[str, Any] | None = None
-        # (step, time) where max_time step timing started; (-1 - first step, 0.0) before it starts
-        self._plan_timing: tuple[int, float] | None = None
+        # (step, time) where max_time step timing started; (step it starts at, None) before that
+        self._plan_timing: tuple[int, float | None] | None = None
         self._pace: list[tuple[int, float]] | None = None  # (step, time) marks a timed plan's re-plans time steps from
         self._resumed_factor: float | None = None  # a resume's lr factor under the checkpoint's plan, until re-planned
 
@@ -459,8 +459,8 @@ class GlowModule(L.LightningModule):
             return
         step = self.trainer.global_step
         start_step, start_time = self._plan_timing
-        if start_step < 0:
-            if step >= -1 - start_step + self.PLAN_SKIP:
+        if start_time is None:
+            if step >= start_step:
                 self._plan_timing = (step, time.perf_counter())
             return
         timer = self._timer()
@@ -540,7 +540,7 @@ class GlowModule(L.LightningModule):
         by_count = self.trainer.estimated_stepping_batches
         if self._timer() is not None:
             # resolved after timing the first steps (on_train_batch_end), from PLAN_SKIP steps after this fit's first
-            self._plan_timing = (-1 - self.trainer.global_step, 0.0)
+            self._plan_timing = (self.trainer.global_step + self.PLAN_SKIP, None)
             if self.hparams.warmup_fraction is not None:
                 say(
                     f"glow: lr schedule: resolved from the step time over the first {self.PLAN_SHARE:.0%} of max_time "

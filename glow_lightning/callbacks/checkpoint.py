@@ -11,8 +11,9 @@
   when a top-k file is saved, so it went stale on every plateau): after every validation, every
   ``every_n_train_steps``, every training epoch and at the end of training however it ends (max_epochs,
   max_steps, max_time, a stop signal), through ``trainer.save_checkpoint`` (the atomic CheckpointIO),
-  once per global step and best-file state, after the best file of that step is saved (so the callback
-  state inside ``last.ckpt`` names the best file on disk and a resume tracks and removes it). With EMA, the end-of-training save happens at the last ``on_train_epoch_end``,
+  once per global step, after the best file of that step is saved (so the callback state inside
+  ``last.ckpt`` names the best file on disk and a resume tracks and removes it). With EMA, the
+  end-of-training save happens at the last ``on_train_epoch_end``,
   before GlowEMA copies the average into the module, so ``current_model_state`` still holds the raw
   weights. A run stopped by the non-finite guard (NonFiniteTrainingError) writes nothing more.
 - SIGTERM / SIGINT stop the fit after the current step and write ``last.ckpt``; SIGUSR1 (SLURM's
@@ -79,7 +80,7 @@ class GlowCheckpoint(ModelCheckpoint):
         )
         self.keep_last = save_last
         self.signals = SignalFlags()
-        self._last_written: tuple | None = None  # (global step, best files) of the newest last.ckpt
+        self._last_step_written: int | None = None
 
     @property
     def last_path(self) -> str | None:
@@ -90,24 +91,20 @@ class GlowCheckpoint(ModelCheckpoint):
             else None
         )
 
-    def _written_state(self, trainer) -> tuple:
-        return trainer.global_step, self.best_model_path, tuple(sorted(self.best_k_models))
-
     def write_last(self, trainer) -> str | None:
-        """Write ``last.ckpt`` unless it already holds this global step and these best files; on every
-        rank (rank 0 writes)."""
+        """Write ``last.ckpt`` unless it already holds this global step; on every rank (rank 0 writes)."""
         path = self.last_path
         if (
             path is None
             or trainer.fast_dev_run
             or trainer.state.fn != TrainerFn.FITTING
             or trainer.sanity_checking
-            or self._last_written == self._written_state(trainer)
+            or self._last_step_written == trainer.global_step
         ):
             return None
         self.last_model_path = path
         trainer.save_checkpoint(path, self.save_weights_only)
-        self._last_written = self._written_state(trainer)
+        self._last_step_written = trainer.global_step
         return path
 
     def _install_signals(self, trainer) -> None:
