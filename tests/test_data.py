@@ -106,3 +106,47 @@ def test_failed_download_says_how_to_get_the_data(tmp_path, monkeypatch):
     dm = CIFAR10DataModule(data_dir=str(tmp_path), download=True)
     with pytest.raises(DownloadError, match=r"could not download CIFAR-10 .*URLError.*cifar-10-python\.tar\.gz"):
         dm.prepare_data()
+
+
+def _hash32_reference(x: torch.Tensor) -> torch.Tensor:
+    """The counter-based mixer as first written (out of place), to pin the values the faster code must keep."""
+    m = 0xFFFFFFFF
+    x = x & m
+    x = ((x ^ (x >> 16)) * 0x045D9F3B) & m
+    x = ((x ^ (x >> 16)) * 0x045D9F3B) & m
+    return x ^ (x >> 16)
+
+
+@pytest.mark.parametrize("seed, stream", [(0, 0), (2**40 + 7, 2**33 + 5), (-1, EVAL_STREAM), (123456789, 3)])
+def test_the_noise_and_flips_keep_their_values(seed, stream):
+    """A dequantized image is a function of (seed, stream, index) that must not change between versions (resumes
+    and published numbers rely on it): the in-place hashing and the scalar keys give the reference values."""
+    from glow_lightning.data import noise
+
+    index = torch.arange(-3, 61) * 977
+    keys = _hash32_reference(_hash32_reference(_hash32_reference(torch.full_like(index, seed)) ^ (stream & 0xFFFFFFFF))
+                             ^ (index & 0xFFFFFFFF))  # fmt: skip
+    assert torch.equal(noise.item_keys(seed, stream, index), keys)
+    pos = torch.arange(3 * 4 * 4)
+    u = ((_hash32_reference(keys[:, None] + pos * 0x9E3779B9) >> 8).float() + 0.5) / 2**24
+    assert torch.equal(noise.uniform_from_keys(keys, (3, 4, 4)), u.view(-1, 3, 4, 4))
+    assert torch.equal(noise.flip_mask(seed, stream, index), (_hash32_reference(keys ^ noise.FLIP_SALT) & 1).bool())
+    assert torch.equal(noise.hash32(index), _hash32_reference(index))
+
+
+def test_a_prepared_batch_keeps_its_values(cifar_dir):
+    """prepare_batch (flips on the uint8 pixels, dequantization in place) = the reference formulas."""
+    from glow_lightning.data.noise import flip_mask, item_keys, uniform_from_keys
+
+    dm = datamodule(cifar_dir, n_bits=5)
+    g = torch.Generator().manual_seed(0)
+    batch = {"pixels": torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=g),
+             "index": torch.tensor([0, 5, 9, 100, 7, 3]), "label": torch.arange(6)}  # fmt: skip
+    out = dm.prepare_batch(batch, train=True, epoch=2)
+    flip = flip_mask(dm.seed, 2, batch["index"])
+    bins = (batch["pixels"].long() >> 3).where(~flip[:, None, None, None], (batch["pixels"].long() >> 3).flip(-1))
+    assert flip.any() and not flip.all()
+    assert torch.equal(out["bins"], bins)
+    noise = uniform_from_keys(item_keys(dm.seed, 2, batch["index"]), (3, 8, 8))
+    assert torch.equal(out["x"], bins.float() / 2**5 + noise / 2**5)
+    assert torch.equal(out["label"], batch["label"]) and torch.equal(out["index"], batch["index"])

@@ -350,20 +350,20 @@ class GlowDataModule(L.LightningDataModule):
     def dequantize(self, bins: Tensor, index: Tensor, stream: int = EVAL_STREAM) -> Tensor:
         """Integer bins (B, C, H, W) -> ``(k + u) / 2**n_bits``, u ~ U(0, 1) a function of (seed, stream, index)."""
         noise = uniform_from_keys(item_keys(self.seed, stream, index), tuple(bins.shape[1:]))
-        return bins_to_unit(bins, self.n_bits) + noise / 2**self.n_bits
+        return bins_to_unit(bins, self.n_bits).add_(noise.div_(2**self.n_bits))
 
-    def flip_images(self, bins: Tensor, index: Tensor, stream: int) -> Tensor:
-        """Mirror about half of the images left-right, as a function of (seed, stream, index)."""
+    def flip_images(self, images: Tensor, index: Tensor, stream: int) -> Tensor:
+        """Mirror about half of the images (pixels or bins) left-right, as a function of (seed, stream, index)."""
         flip = flip_mask(self.seed, stream, index)
-        return torch.where(flip[:, None, None, None], bins.flip(-1), bins)
+        return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
     def prepare_batch(self, batch: dict, train: bool, epoch: int = 0) -> dict:
         """Raw collated batch -> ``{"x", "bins", "label", "index"}`` on the batch's device."""
         index = batch["index"].long()
-        bins = pixels_to_bins(batch["pixels"], self.n_bits)
-        stream = epoch if train else EVAL_STREAM
+        pixels, stream = batch["pixels"], epoch if train else EVAL_STREAM
         if train and self.flip:
-            bins = self.flip_images(bins, index, stream)
+            pixels = self.flip_images(pixels, index, stream)  # on uint8: an eighth of the bytes of the bins
+        bins = pixels_to_bins(pixels, self.n_bits)
         return {"x": self.dequantize(bins, index, stream), "bins": bins, "label": batch["label"], "index": index}
 
     @override
