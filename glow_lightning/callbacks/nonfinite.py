@@ -206,6 +206,8 @@ class NonFiniteGuard(L.Callback):
         self._limit: int | None = None  # max_consecutive_skips of the module being trained
         self._masked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> _MaskedUpdate
         self._hooked: weakref.WeakSet = weakref.WeakSet()  # optimizers that drop found_inf after their step
+        # (global step, total gradient norm before clipping) of the step being taken: GlowModule's clipping reuses it
+        self.grad_norm: tuple[int, Tensor] | None = None
 
     @override
     def on_train_start(self, trainer, pl_module) -> None:
@@ -229,14 +231,14 @@ class NonFiniteGuard(L.Callback):
         ranks); log the total L2 norm of the gradients (unscaled, averaged over DDP ranks, before clipping)."""
         self._settle(trainer, pl_module)
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
-        norm = total_grad_norm(pl_module.parameters())  # on the device
-        bad = torch.zeros((), dtype=torch.bool, device=pl_module.device)
+        norm = total_grad_norm(p for group in optimizer.param_groups for p in group["params"])  # on the device
+        self.grad_norm = (trainer.global_step, norm) if norm is not None else None
+        finite = torch.isfinite(norm) if norm is not None else None
         if self._loss_finite is not None:
-            bad = bad | ~self._loss_finite.bool()
-        if norm is not None:
-            bad = bad | ~torch.isfinite(norm)
+            finite = self._loss_finite if finite is None else finite & self._loss_finite
         self._loss_finite = None
-        skip = _all_ranks_max(bad.float())  # 1.0: skip this update
+        bad = ~finite if finite is not None else torch.zeros((), dtype=torch.bool, device=pl_module.device)
+        skip = _all_ranks_max(bad.float())  # 1.0: skip this update (on every rank alike)
         if getattr(trainer.precision_plugin, "scaler", None) is None:  # a GradScaler skips by itself
             self._apply(optimizer, skip)
         if self._skipped_on_device is None:  # a fit without on_train_start (called by hand)

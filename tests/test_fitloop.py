@@ -1,0 +1,100 @@
+"""The per-batch work ``glow fit`` adds around the training step (issue 17 item 4): the gradient norm is computed
+once per step (the non-finite guard's, reused for clipping), and the progress bar redraws at a bounded rate."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+from glow_lightning.callbacks import GlowProgressBar
+from glow_lightning.cli import main
+from glow_lightning.module import GlowModule
+
+from .conftest import fit_args
+
+
+def _grads(optimizer) -> list[torch.Tensor]:
+    return [p.grad.clone() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+
+class GradRecorder(L.Callback):
+    """The gradients after backward (before the guard and clipping)."""
+
+    def __init__(self):
+        self.before: list[list[torch.Tensor]] = []
+
+    def on_after_backward(self, trainer, pl_module):
+        self.before.append(_grads(trainer.optimizers[0]))
+
+
+def test_clipping_reuses_the_guards_norm_and_clips_as_torch_does(cifar_dir, tmp_path, monkeypatch):
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def computed_again(*args, **kwargs):
+        raise AssertionError("the gradient norm was computed a second time for clipping")
+
+    clipped: list[list[torch.Tensor]] = []  # the gradients the optimizer step gets
+    configure = GlowModule.configure_gradient_clipping
+
+    def recorded(self, optimizer, *args, **kwargs):
+        configure(self, optimizer, *args, **kwargs)
+        clipped.append(_grads(optimizer))
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", computed_again)
+    monkeypatch.setattr(GlowModule, "configure_gradient_clipping", recorded)
+    cli = main(fit_args(cifar_dir, str(tmp_path), "--trainer.max_steps", "3", "--trainer.gradient_clip_val", "1e-3",
+                        "--trainer.callbacks+", f"{__name__}.GradRecorder"))  # fmt: skip
+    recorder = next(c for c in cli.trainer.callbacks if isinstance(c, GradRecorder))
+    assert cli.trainer.global_step == 3 and len(recorder.before) == len(clipped) == 3
+    for before, at_step in zip(recorder.before, clipped):
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in before]
+        for p, g in zip(params, before):
+            p.grad = g.clone()
+        norm = clip(params, 1e-3, foreach=True)  # torch's own clipping of the same gradients
+        assert norm > 1e-3  # the clipping was active
+        assert len(at_step) == len(params) and all(torch.equal(a, p.grad) for a, p in zip(at_step, params))
+
+
+def test_clipping_without_the_guard_computes_the_norm_itself(cifar_dir, tmp_path):
+    """A module whose guard did not run this step (e.g. a trainer built without configure_callbacks) still clips."""
+    cli = main(fit_args(cifar_dir, str(tmp_path), "--trainer.max_steps", "1"))
+    module, optimizer = cli.model, cli.trainer.optimizers[0]
+    module._guard.grad_norm = (module.trainer.global_step - 1, torch.tensor(0.0))  # a stale norm: not used
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    module.configure_gradient_clipping(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    total = torch.nn.utils.get_total_norm([p.grad for p in params])
+    assert torch.allclose(total, torch.tensor(1.0), atol=1e-5)
+
+
+@pytest.mark.parametrize("min_interval, draws", [(0.0, "every batch"), (1e9, "first and last")])
+def test_the_training_bar_redraws_at_most_every_min_interval(cifar_dir, tmp_path, monkeypatch, min_interval, draws):
+    calls: list[int] = []
+    parent = TQDMProgressBar.on_train_batch_end
+
+    def counted(self, trainer, pl_module, outputs, batch, batch_idx):
+        calls.append(batch_idx)
+        parent(self, trainer, pl_module, outputs, batch, batch_idx)
+
+    monkeypatch.setattr(TQDMProgressBar, "on_train_batch_end", counted)
+    args = fit_args(cifar_dir, str(tmp_path), "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "2",
+                    "--trainer.callbacks+", "glow_lightning.callbacks.GlowProgressBar",
+                    "--trainer.callbacks.min_interval", str(min_interval))  # fmt: skip
+    args[args.index("--trainer.enable_progress_bar") + 1] = "true"
+    cli = main(args)
+    bar = cli.trainer.progress_bar_callback
+    assert isinstance(bar, GlowProgressBar) and bar.min_interval == min_interval
+    batches = cli.trainer.num_training_batches
+    assert batches >= 3
+    assert calls == (list(range(batches)) if draws == "every batch" else [0, batches - 1])
+    assert bar.train_progress_bar.n == batches  # the finished bar shows the whole epoch
+    logged = float(cli.trainer.callback_metrics["train/bpd"])
+    assert bar.get_metrics(cli.trainer, cli.model)["train/bpd"] == pytest.approx(logged)  # read when logged
+
+
+def test_a_negative_min_interval_is_refused():
+    with pytest.raises(ValueError, match="min_interval must be >= 0 seconds, got -1"):
+        GlowProgressBar(min_interval=-1)
