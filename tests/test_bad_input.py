@@ -62,6 +62,24 @@ def test_bad_value_exits_2_naming_it(cifar_dir, tmp_path, capsys, extra, culprit
 
 
 @pytest.mark.parametrize(
+    ("extra", "line"),
+    [
+        (["--trainer.callbacks+", "glow_lightning.callbacks.GlowProgressBar", "--trainer.callbacks.min_interval", "-1"],
+         "glow: error: min_interval must be >= 0 seconds, got -1.0 (see: glow fit --help)"),
+        (["--trainer.callbacks+", "glow_lightning.callbacks.NoSuchBar"],
+         "glow: error: --trainer.callbacks: module 'glow_lightning.callbacks' has no attribute 'NoSuchBar' "
+         "(glow_lightning.callbacks.NoSuchBar) (see: glow fit --help)"),
+    ],
+    ids=["callback-argument", "callback-class"],
+)  # fmt: skip
+def test_a_bad_callback_is_one_line_with_its_own_reason(cifar_dir, tmp_path, capsys, extra, line):
+    """The reason, once: not also jsonargparse's list of the Union's other subtypes, nor the same reason twice."""
+    code, err = run_error(fit_args(cifar_dir, str(tmp_path), *extra), capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == line
+
+
+@pytest.mark.parametrize(
     ("subcommand", "extra", "culprit"),
     [
         ("sample", ["--nrow", "0"], "--nrow must be >= 1, got 0"),

@@ -177,7 +177,7 @@ def condense(message: str) -> str:
     """A jsonargparse error on one line: ``--key: reason (given value)``."""
     key = re.match(r'Parser key "([^"]+)":', message)
     nested = re.search(
-        r"Problem with given class_path '([^']+)':\n(.*?)\n\s*(?:- Expected a <class 'NoneType'>|Given value)",
+        r"Problem with given class_path '([^']+)':\n(.*?)\n\s*(?:- Expected a <class 'NoneType'>|Given value|- Problem with)",
         message,
         re.S,
     )
@@ -186,9 +186,16 @@ def condense(message: str) -> str:
         if inner.startswith("--"):
             return f"--{key.group(1)}.{inner[2:]}"
         return f"--{key.group(1)}: {inner} ({nested.group(1)})"
-    lines = [line.strip() for line in message[key.end() if key else 0 :].splitlines() if line.strip()]
+    raw = [line for line in message[key.end() if key else 0 :].splitlines() if line.strip()]
+    lines = [line.strip() for line in raw]
     if "Errors:" in lines:  # "Does not validate against any of the Union subtypes" -> the reasons
-        reasons = [x[2:] for x in lines if x.startswith("- ") and x != "- Expected a <class 'NoneType'>"]
+        top = min((len(x) - len(x.lstrip()) for x in raw if x.lstrip().startswith("- ")), default=0)
+        reasons = [  # the subtypes' own reasons, not the lists nested under them
+            x.strip()[2:] for x in raw
+            if len(x) - len(x.lstrip()) == top and x.lstrip().startswith("- ") and "Expected a <class 'NoneType'>" not in x
+        ]  # fmt: skip
+        specific = [r for r in reasons if not r.startswith("Not a valid subclass of ")]
+        reasons = specific or reasons  # "min_interval must be >= 0", not also "Not a valid subclass of Callback"
         given = [x[len("Given value: ") :] for x in lines if x.startswith("Given value:") and len(x) < 80]
         lines = ["; ".join(reasons) + "".join(f", got {g}" for g in given)]
     # older jsonargparse (4.39) words an unknown key "Validation failed: Key 'k' is not expected": one wording for all
