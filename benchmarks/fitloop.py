@@ -9,12 +9,17 @@ processes hits both alike. A fit batch is the time from one ``on_train_batch_sta
 taken out: data loading, the step, every hook and the logging; the epoch's last batch (validation and the
 end-of-epoch callbacks start there) and the first ``--warmup`` batches are not counted.
 
+``--part hooks``: where a fit batch's time goes, from Lightning's SimpleProfiler: the mean time per training batch
+of every hook and loop section that runs on (nearly) every batch (the step itself: ``training_step``,
+``backward``, ``optimizer_step``; the rest is the per-batch work the raw step does not have).
+
 ``--part epoch-end``: the end-of-epoch work (the three sample grids, reconstructions, interpolations, the
 invertibility check; validation itself not counted) of one short ``glow fit`` at the paper config, from
 Lightning's SimpleProfiler, against a CIFAR-10 epoch extrapolated from the measured training step:
 703 steps (45,000 training images, batch 64) x the median ``run_training_batch`` time.
 
     python benchmarks/fitloop.py --part ratio --levels 2 --steps-per-level 4 --hidden-channels 64 --batch-size 16
+    python benchmarks/fitloop.py --part hooks                # the same small model, one fit, per-hook times
     python benchmarks/fitloop.py --part epoch-end            # the paper config, L=3 K=32 width 512, batch 64
 """
 
@@ -144,6 +149,20 @@ def ratio(args, data: str, device: torch.device) -> None:
     print(f"# fit / raw throughput: {r / f:.3f} (mean fit batch); overhead {(f - r) * 1e3:.2f} ms per batch")
 
 
+def hooks(args, data: str) -> None:
+    with tempfile.TemporaryDirectory() as root:
+        cli = glow(fit_args(args, data, root, args.warmup + args.steps + 1, "--trainer.profiler", "simple"))
+        durations = cli.trainer.profiler.recorded_durations
+    batches = len(durations["run_training_batch"])
+    print(f"# {batches} training batches; mean ms per batch of each section that ran on (nearly) every batch")
+    print(f"{'section (SimpleProfiler key)':<72}{'calls':>7}{'ms/batch':>10}")
+    for key, times in sorted(durations.items(), key=lambda kv: -sum(kv[1])):
+        per_batch = sum(times) / batches * 1e3
+        if len(times) >= batches - 1 and per_batch >= 0.005 and not key.startswith("[_EvaluationLoop]"):
+            name = key if len(key) <= 70 else key[:67] + "..."
+            print(f"{name:<72}{len(times):>7}{per_batch:>10.3f}")
+
+
 def epoch_end(args, data: str) -> None:
     with tempfile.TemporaryDirectory() as root:
         cli = glow(fit_args(args, data, root, args.steps, "--trainer.profiler", "simple"))
@@ -164,7 +183,7 @@ def epoch_end(args, data: str) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["ratio", "epoch-end"], default="ratio")
+    p.add_argument("--part", choices=["ratio", "hooks", "epoch-end"], default="ratio")
     p.add_argument("--levels", type=int, default=None)
     p.add_argument("--steps-per-level", type=int, default=None)
     p.add_argument("--hidden-channels", type=int, default=None)
@@ -197,7 +216,12 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as data:
         per_batch = -(-args.batch_size * (args.warmup + args.steps + 2) // 5) + args.batch_size
         write_cifar10(data, per_batch=per_batch, test_size=args.batch_size)
-        ratio(args, data, device) if not paper else epoch_end(args, data)
+        if args.part == "ratio":
+            ratio(args, data, device)
+        elif args.part == "hooks":
+            hooks(args, data)
+        else:
+            epoch_end(args, data)
 
 
 if __name__ == "__main__":
