@@ -131,7 +131,7 @@ def ratio(args, data: str, device: torch.device) -> None:
     for _ in range(args.rounds):
         with tempfile.TemporaryDirectory() as root:
             cli = glow(fit_args(args, data, root, args.warmup + args.steps + 1,
-                                "--trainer.callbacks+", "__main__.BatchTimer",
+                                "--trainer.callbacks+", f"{__name__}.BatchTimer",
                                 "--trainer.callbacks.warmup", str(args.warmup)))  # fmt: skip
             assert torch.get_num_threads() == args.threads  # the fit ran with the raw step's threads
             timer = next(c for c in cli.trainer.callbacks if isinstance(c, BatchTimer))
