@@ -9,7 +9,8 @@ between refreshes it shows the last value read.
 
 It also redraws the training bar at most every ``min_interval`` seconds (0.2: five times a second; Lightning's bar
 redraws after every batch, which costs ~0.3 ms of Python per batch: issue 17 item 4), and always at an epoch's
-last batch.
+last batch, once per update (Lightning's draws the count, then again the metrics: two lines per update in a
+redirected log).
 """
 
 from __future__ import annotations
@@ -50,12 +51,18 @@ class GlowProgressBar(TQDMProgressBar):
         now = time.monotonic()
         if now - self._drawn < self.min_interval and batch_idx + 1 != self.total_train_batches:
             return
+        bar, n = self.train_progress_bar, batch_idx + 1
+        if bar is None or not (self.is_enabled and (n % self.refresh_rate == 0 or n == bar.total)):
+            return
         self._drawn = now
         self._in_batch = True
         try:
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
         finally:
             self._in_batch = False
+        if not bar.disable:  # one redraw with the count and the metrics (Lightning's bar draws twice per update)
+            bar.n = n
+            bar.refresh()
 
     def _read(self, trainer) -> None:
         metrics = trainer.callback_metrics
