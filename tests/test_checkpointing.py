@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,3 +145,35 @@ def test_resume_with_a_new_lr_and_warmup_applies_them_from_the_resumed_step(cifa
         main(args + ["--ckpt_path", "last", "--model.hidden_channels", "8"])
     assert exit_info.value.code == 2
     assert "--model.hidden_channels=8 (checkpoint: 16)" in capsys.readouterr().err
+
+
+def test_a_moved_run_resumes_with_its_best_file_tracked(cifar_dir, tmp_path, recwarn):
+    """Runs get moved (scratch -> project space) or copied to fork an experiment: the resumed run goes on with
+    the checkpoints in its new folder (one best file, the right score), not with paths into the old folder."""
+    old, new = str(tmp_path / "scratch"), str(tmp_path / "project")
+    # coupling_norm none: on this fixture its val/bpd falls every epoch, so every epoch has a new best file
+    fit = ["--model.coupling_norm", "none", *QUICK]
+    main(fit_args(cifar_dir, old, "--trainer.max_epochs", "1", *fit))
+    os.rename(old, new)
+    cli = main(fit_args(cifar_dir, new, "--trainer.max_epochs", "3", "--ckpt_path", "last", *fit))
+    saved = checkpoints(new)
+    assert saved.pop("last.ckpt") == cli.trainer.global_step == 12
+    assert list(saved.values()) == [12]  # one best file, the newest: the moved epoch-0 file was replaced
+    callback = cli.trainer.checkpoint_callback
+    assert callback.best_model_path == os.path.join(new, "checkpoints", next(iter(saved)))
+    assert set(callback.best_k_models) == {callback.best_model_path}
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+
+
+def test_a_resume_from_a_copied_last_ckpt_leaves_the_original_run_alone(cifar_dir, tmp_path):
+    """Only last.ckpt copied to a new folder (a fork of the run): the original folder's files stay untouched."""
+    old, new = str(tmp_path / "original"), str(tmp_path / "fork")
+    fit = ["--model.coupling_norm", "none", *QUICK]
+    main(fit_args(cifar_dir, old, "--trainer.max_epochs", "1", *fit))
+    before = checkpoints(old)
+    os.makedirs(os.path.join(new, "checkpoints"))
+    shutil.copy(os.path.join(old, "checkpoints", "last.ckpt"), os.path.join(new, "checkpoints", "last.ckpt"))
+    cli = main(fit_args(cifar_dir, new, "--trainer.max_epochs", "2", "--ckpt_path", "last", *fit))
+    assert checkpoints(old) == before  # nothing removed or rewritten there
+    saved = checkpoints(new)
+    assert saved.pop("last.ckpt") == cli.trainer.global_step == 8 and list(saved.values()) == [8]

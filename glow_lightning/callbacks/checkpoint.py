@@ -29,7 +29,7 @@ Private library API used here (check on upgrades): ``ModelCheckpoint._fs``, ``Mo
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
@@ -106,6 +106,35 @@ class GlowCheckpoint(ModelCheckpoint):
         trainer.save_checkpoint(path, self.save_weights_only)
         self._last_step_written = trainer.global_step
         return path
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A run moved or copied to another folder (its ``dirpath`` changed) goes on tracking its checkpoints
+        when they are in the new folder: their paths are read relative to the old one. (Lightning keeps only
+        ``best_model_path``, into the old folder: a resume kept the moved best file forever and wrote a second.)"""
+        old = state_dict.get("dirpath")
+        if self.dirpath and old and old != self.dirpath:
+            state_dict = self._moved(state_dict, old) or state_dict
+        super().load_state_dict(state_dict)
+
+    def _moved(self, state: dict[str, Any], old: str) -> dict[str, Any] | None:
+        """``state`` with the paths under ``old`` moved to ``dirpath``; None unless every tracked file is there."""
+        prefix = old.rstrip("/") + "/"
+
+        def move(path: str | None) -> str | None:
+            return join(self.dirpath, path[len(prefix) :]) if path and path.startswith(prefix) else path
+
+        tracked = [p for p in (state.get("best_model_path"), state.get("kth_best_model_path")) if p]
+        tracked += list(state.get("best_k_models") or {})
+        if not tracked or not all(p.startswith(prefix) and self._fs.exists(move(p)) for p in tracked):
+            return None
+        return state | {
+            "dirpath": self.dirpath,
+            "best_model_path": move(state.get("best_model_path")),
+            "kth_best_model_path": move(state.get("kth_best_model_path")),
+            "best_k_models": {move(p): score for p, score in (state.get("best_k_models") or {}).items()},
+            "last_model_path": move(state.get("last_model_path")),
+        }
 
     def _install_signals(self, trainer) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
