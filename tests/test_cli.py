@@ -291,3 +291,20 @@ def test_the_cpu_quick_start_overlay_trains_mnist_and_writes_6x6_grids_at_3x(tmp
     grid = Image.open(os.path.join(root, "images", "samples_t0.7_epoch000.png"))
     assert grid.width == 3 * (6 * (32 + 2) + 2)  # 6 columns of 32x32 digits, 2-pixel padding, 3x
     assert os.path.exists(os.path.join(root, "checkpoints", "last.ckpt"))
+
+
+def test_lightnings_adverts_are_dropped_and_its_other_messages_kept(cifar_dir, tiny_checkpoint, tmp_path):
+    """Lightning logs "💡 Tip: ... try installing litlogger" for every Trainer, so on every glow command."""
+    import logging
+
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger.addHandler(handler)
+    try:
+        main(["sample", "--ckpt_path", tiny_checkpoint, "--num_samples", "4", "--output", str(tmp_path / "s.png")])
+    finally:
+        logger.removeHandler(handler)
+    assert any(m.startswith("GPU available") for m in messages)  # the handler saw Lightning's messages
+    assert not [m for m in messages if "Tip:" in m]

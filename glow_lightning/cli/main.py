@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import glob
 import inspect
+import logging
 import os
 import re
 import signal
@@ -524,6 +525,20 @@ def list_configs() -> None:
         print(f"  {name:22s} {summary}")
 
 
+class _NoAdverts(logging.Filter):
+    """Drop Lightning's "💡 Tip: ... try installing litlogger / litmodels" lines (one per Trainer: on every glow
+    command); its warnings and other messages pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def _quiet_adverts() -> None:
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdverts) for f in logger.filters):
+        logger.addFilter(_NoAdverts())
+
+
 def main(args: list[str] | None = None) -> GlowCLI | None:
     """Entry point of the ``glow`` console script; ``args`` replaces ``sys.argv[1:]`` (tests)."""
     if args is None:  # the console script: resolve in sys.argv (LightningCLI warns when given both)
@@ -535,6 +550,7 @@ def main(args: list[str] | None = None) -> GlowCLI | None:
     if command == ["configs"]:
         list_configs()
         return None
+    _quiet_adverts()
     try:
         return GlowCLI(args=args)
     except (
