@@ -183,7 +183,6 @@ class GlowModule(L.LightningModule):
             self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self._initial_weights_loaded = False  # the warm start happens once (load_initial_weights)
         self.skipped_steps = 0  # set by the NonFiniteGuard callback, which keeps (and saves) the counts
-        self._guard: NonFiniteGuard | None = None  # the one configure_callbacks made (clipping reuses its norm)
         self._log_epoch_bpd = True  # train/bpd_epoch is logged on the first batch of each epoch
         self.lr_plan: dict[str, Any] | None = None  # the resolved warmup and schedule length (see resolve_lr_plan)
         self._loaded_lr_plan: dict[str, Any] | None = None
@@ -272,8 +271,7 @@ class GlowModule(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         """The non-finite guard (skips, counts and stops; see :mod:`glow_lightning.callbacks.nonfinite`), and
         :class:`~glow_lightning.callbacks.progress.GlowProgressBar` in place of Lightning's default bar."""
-        self._guard = NonFiniteGuard()  # its gradient norm is reused for clipping
-        callbacks: list[L.Callback] = [self._guard]
+        callbacks: list[L.Callback] = [NonFiniteGuard()]
         if type(self._trainer.progress_bar_callback if self._trainer else None) is TQDMProgressBar:
             callbacks.append(GlowProgressBar())  # replaces the default bar (train/bpd without a sync per batch)
         return callbacks
@@ -293,7 +291,8 @@ class GlowModule(L.LightningModule):
         if str(gradient_clip_algorithm or "norm") == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
             return
-        guard = self._guard
+        # the guard's norm of these gradients (looked up, not kept on the module: it must stay picklable)
+        guard = next((c for c in self.trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
         step_norm = guard.grad_norm if guard is not None else None
         if step_norm is not None and step_norm[0] == self.trainer.global_step:
             guard.grad_norm = None  # used once: the clipped gradients have another norm

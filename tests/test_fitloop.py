@@ -3,12 +3,15 @@ once per step (the non-finite guard's, reused for clipping), and the progress ba
 
 from __future__ import annotations
 
+import io
+
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 from glow_lightning.callbacks import GlowProgressBar
+from glow_lightning.callbacks.nonfinite import NonFiniteGuard
 from glow_lightning.cli import main
 from glow_lightning.module import GlowModule
 
@@ -61,13 +64,25 @@ def test_clipping_without_the_guard_computes_the_norm_itself(cifar_dir, tmp_path
     """A module whose guard did not run this step (e.g. a trainer built without configure_callbacks) still clips."""
     cli = main(fit_args(cifar_dir, str(tmp_path), "--trainer.max_steps", "1"))
     module, optimizer = cli.model, cli.trainer.optimizers[0]
-    module._guard.grad_norm = (module.trainer.global_step - 1, torch.tensor(0.0))  # a stale norm: not used
+    guard = next(c for c in cli.trainer.callbacks if isinstance(c, NonFiniteGuard))
+    guard.grad_norm = (module.trainer.global_step - 1, torch.tensor(0.0))  # a stale norm: not used
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for p in params:
         p.grad = torch.ones_like(p)
     module.configure_gradient_clipping(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
     total = torch.nn.utils.get_total_norm([p.grad for p in params])
     assert torch.allclose(total, torch.tensor(1.0), atol=1e-5)
+
+
+def test_a_trained_module_still_pickles(cifar_dir, tmp_path):
+    """torch.save(module) and ddp_spawn pickle the LightningModule: it holds no callback (their weak references
+    do not pickle)."""
+    cli = main(fit_args(cifar_dir, str(tmp_path), "--trainer.max_steps", "2"))
+    buffer = io.BytesIO()
+    torch.save(cli.model, buffer)
+    buffer.seek(0)
+    copy = torch.load(buffer, weights_only=False)
+    assert all(torch.equal(a, b) for a, b in zip(copy.state_dict().values(), cli.model.state_dict().values()))
 
 
 @pytest.mark.parametrize("min_interval, draws", [(0.0, "every batch"), (1e9, "first and last")])
