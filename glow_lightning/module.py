@@ -280,24 +280,21 @@ class GlowModule(L.LightningModule):
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ) -> None:
-        """Clip as Lightning does (``--trainer.gradient_clip_val`` / ``_algorithm``), in one foreach pass with no
-        host sync, also for fused Adam under bf16-mixed (Lightning's AMP plugin refuses clipping for optimizers
-        that unscale internally; with no GradScaler there is nothing to unscale). A non-finite norm leaves
-        non-finite gradients: the non-finite guard skips that step. The norm is the one the guard computed for this
-        step (the same gradients), not computed again."""
+        """Clip as Lightning does (``--trainer.gradient_clip_val`` / ``_algorithm``) with no host sync, also for
+        fused Adam under bf16-mixed (Lightning's AMP plugin refuses clipping for optimizers that unscale
+        internally; with no GradScaler there is nothing to unscale). A non-finite norm leaves non-finite
+        gradients: the non-finite guard skips that step. By norm, the guard clips with the norm it computed for
+        this step (:meth:`~glow_lightning.callbacks.nonfinite.NonFiniteGuard.clip`: for fused Adam, inside the
+        optimizer's kernel); without it, one foreach pass computes the norm and scales."""
         if not gradient_clip_val:
             return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if str(gradient_clip_algorithm or "norm") == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
             return
-        # the guard's norm of these gradients (looked up, not kept on the module: it must stay picklable)
+        # the guard is looked up, not kept on the module: the module must stay picklable
         guard = next((c for c in self.trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
-        step_norm = guard.grad_norm if guard is not None else None
-        if step_norm is not None and step_norm[0] == self.trainer.global_step:
-            guard.grad_norm = None  # used once: the clipped gradients have another norm
-            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, step_norm[1], foreach=True)
-        else:
+        if guard is None or not guard.clip(self.trainer, optimizer, gradient_clip_val):
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True, error_if_nonfinite=False)
 
     @override

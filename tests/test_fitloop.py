@@ -23,41 +23,47 @@ def _grads(optimizer) -> list[torch.Tensor]:
 
 
 class GradRecorder(L.Callback):
-    """The gradients after backward (before the guard and clipping)."""
+    """The gradients after backward (before the guard and clipping) and after the optimizer step (as it used them:
+    fused Adam stores the gradients it scaled)."""
 
     def __init__(self):
         self.before: list[list[torch.Tensor]] = []
+        self.after: list[list[torch.Tensor]] = []
+
+    def on_train_start(self, trainer, pl_module):
+        trainer.optimizers[0].register_step_post_hook(lambda optimizer, *_: self.after.append(_grads(optimizer)))
 
     def on_after_backward(self, trainer, pl_module):
         self.before.append(_grads(trainer.optimizers[0]))
 
 
-def test_clipping_reuses_the_guards_norm_and_clips_as_torch_does(cifar_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adam", "adamax"])
+def test_clipping_reuses_the_guards_norm_and_clips_as_torch_does(cifar_dir, tmp_path, monkeypatch, optimizer):
+    """Fused Adam: the scaling goes into the optimizer's kernel (``grad_scale``); Adamax: one foreach scaling with
+    the guard's norm. Either way the norm is not computed again and the step gets torch's clipped gradients."""
     clip = torch.nn.utils.clip_grad_norm_
 
-    def computed_again(*args, **kwargs):
-        raise AssertionError("the gradient norm was computed a second time for clipping")
+    def not_expected(*args, **kwargs):
+        raise AssertionError("the gradients were clipped another way")
 
-    clipped: list[list[torch.Tensor]] = []  # the gradients the optimizer step gets
-    configure = GlowModule.configure_gradient_clipping
-
-    def recorded(self, optimizer, *args, **kwargs):
-        configure(self, optimizer, *args, **kwargs)
-        clipped.append(_grads(optimizer))
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", computed_again)
-    monkeypatch.setattr(GlowModule, "configure_gradient_clipping", recorded)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", not_expected)  # the norm is not computed again
+    if optimizer == "adam":
+        monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", not_expected)  # no separate scaling pass
     cli = main(fit_args(cifar_dir, str(tmp_path), "--trainer.max_steps", "3", "--trainer.gradient_clip_val", "1e-3",
-                        "--trainer.callbacks+", f"{__name__}.GradRecorder"))  # fmt: skip
+                        "--model.optimizer", optimizer, "--trainer.callbacks+", f"{__name__}.GradRecorder"))  # fmt: skip
     recorder = next(c for c in cli.trainer.callbacks if isinstance(c, GradRecorder))
-    assert cli.trainer.global_step == 3 and len(recorder.before) == len(clipped) == 3
-    for before, at_step in zip(recorder.before, clipped):
+    assert cli.trainer.global_step == 3 and len(recorder.before) == len(recorder.after) == 3
+    assert bool(cli.trainer.optimizers[0].defaults.get("fused")) == (optimizer == "adam")
+    assert not hasattr(cli.trainer.optimizers[0], "grad_scale")  # dropped after each step, as GradScaler does
+    for before, after in zip(recorder.before, recorder.after):
         params = [torch.nn.Parameter(torch.zeros_like(g)) for g in before]
         for p, g in zip(params, before):
             p.grad = g.clone()
         norm = clip(params, 1e-3, foreach=True)  # torch's own clipping of the same gradients
         assert norm > 1e-3  # the clipping was active
-        assert len(at_step) == len(params) and all(torch.equal(a, p.grad) for a, p in zip(at_step, params))
+        assert len(after) == len(params)
+        for a, p in zip(after, params):  # fused Adam divides by the scale where torch multiplies by its inverse
+            torch.testing.assert_close(a, p.grad, rtol=1e-6, atol=1e-12)
 
 
 def test_clipping_without_the_guard_computes_the_norm_itself(cifar_dir, tmp_path):

@@ -251,6 +251,30 @@ class NonFiniteGuard(L.Callback):
                 pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
             pl_module.log("train/skipped_steps", self._skipped_on_device, on_step=True, on_epoch=False)
 
+    def clip(self, trainer, optimizer, max_norm: float) -> bool:
+        """Clip this step's gradients to total L2 norm ``max_norm`` with the norm computed for the skip test; False
+        (nothing done) when there is none for this step.
+
+        For fused Adam without a GradScaler the scaling goes into the step itself: ``optimizer.grad_scale`` =
+        max(1, norm / max_norm), GradScaler's contract (the fused kernel divides each gradient by it and stores the
+        result), which saves a pass over every gradient; otherwise one foreach pass (``clip_grads_with_norm_``).
+        """
+        if self.grad_norm is None or self.grad_norm[0] != trainer.global_step:
+            return False
+        norm = self.grad_norm[1]
+        self.grad_norm = None  # used once: the clipped gradients have another norm
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        if (
+            optimizer in self._hooked  # fused, given found_inf this fit; the post hook drops grad_scale too
+            and getattr(trainer.precision_plugin, "scaler", None) is None
+            and getattr(optimizer, "grad_scale", None) is None
+        ):
+            optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)  # as clip_grads_with_norm_'s
+        else:
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        return True
+
     def _apply(self, optimizer, skip: Tensor) -> None:
         if getattr(optimizer, "_step_supports_amp_scaling", False):  # fused Adam: GradScaler's contract
             optimizer.found_inf = skip
@@ -347,5 +371,7 @@ class NonFiniteGuard(L.Callback):
 
 
 def _forget_found_inf(optimizer, args, kwargs) -> None:
-    """After the step: drop the flag, as GradScaler does, so a later step by hand is not skipped."""
+    """After the step: drop the flag and the clipping's scale, as GradScaler does, so a later step by hand is
+    neither skipped nor scaled."""
     optimizer.__dict__.pop("found_inf", None)
+    optimizer.__dict__.pop("grad_scale", None)
