@@ -17,7 +17,8 @@ makes no host-device sync (issue 17 item 2):
   step and the first layer whose output became non-finite. The diagnosis (a forward pass with hooks on the
   batch of that step) runs only then, never on the hot path. It also logs ``train/grad_norm``, the total
   gradient norm it computes for the test anyway (non-finite on a skipped step), on the steps that log
-(:func:`~glow_lightning.metrics.logs_at`).
+  (:func:`~glow_lightning.metrics.logs_at`), and clips with that norm (:meth:`NonFiniteGuard.clip`, which
+  ``GlowModule.configure_gradient_clipping`` calls; for fused Adam the scaling happens in the optimizer's kernel).
 
 ``GlowModule.configure_callbacks`` adds it, so a plain ``Trainer`` has it too. Both counters are
 callback state, saved in checkpoints; checkpoints written before the guard was a callback hold the
