@@ -13,7 +13,6 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from glow_lightning.callbacks import GlowProgressBar
 from glow_lightning.callbacks.nonfinite import NonFiniteGuard
 from glow_lightning.cli import main
-from glow_lightning.module import GlowModule
 
 from .conftest import fit_args
 
