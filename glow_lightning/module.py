@@ -288,13 +288,15 @@ class GlowModule(L.LightningModule):
         optimizer's kernel); without it, one foreach pass computes the norm and scales."""
         if not gradient_clip_val:
             return
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if str(gradient_clip_algorithm or "norm") == "value":
-            torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
-            return
+        by_value = gradient_clip_algorithm == "value"  # a str enum of Lightning: str() of it is its class name
         # the guard is looked up, not kept on the module: the module must stay picklable
         guard = next((c for c in self.trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
-        if guard is None or not guard.clip(self.trainer, optimizer, gradient_clip_val):
+        if not by_value and guard is not None and guard.clip(self.trainer, optimizer, gradient_clip_val):
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if by_value:
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
+        else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True, error_if_nonfinite=False)
 
     @override

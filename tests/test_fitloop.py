@@ -65,6 +65,16 @@ def test_clipping_reuses_the_guards_norm_and_clips_as_torch_does(cifar_dir, tmp_
             torch.testing.assert_close(a, p.grad, rtol=1e-6, atol=1e-12)
 
 
+def test_clipping_by_value_clamps_every_gradient(cifar_dir, tmp_path):
+    cli = main(fit_args(cifar_dir, str(tmp_path), "--trainer.max_steps", "2", "--trainer.gradient_clip_val", "1e-4",
+                        "--trainer.gradient_clip_algorithm", "value", "--trainer.callbacks+", f"{__name__}.GradRecorder"))  # fmt: skip
+    recorder = next(c for c in cli.trainer.callbacks if isinstance(c, GradRecorder))
+    assert len(recorder.after) == 2
+    for before, after in zip(recorder.before, recorder.after):
+        assert max(float(g.abs().max()) for g in before) > 1e-4  # the clamp was active
+        assert all(torch.equal(a, b.clamp(-1e-4, 1e-4)) for a, b in zip(after, before))
+
+
 def test_clipping_without_the_guard_computes_the_norm_itself(cifar_dir, tmp_path):
     """A module whose guard did not run this step (e.g. a trainer built without configure_callbacks) still clips."""
     cli = main(fit_args(cifar_dir, str(tmp_path), "--trainer.max_steps", "1"))

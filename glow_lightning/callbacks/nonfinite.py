@@ -206,7 +206,7 @@ class NonFiniteGuard(L.Callback):
         self._stop: tuple[int, dict | None] | None = None  # the step that reached the limit, the batch it trained on
         self._limit: int | None = None  # max_consecutive_skips of the module being trained
         self._masked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> _MaskedUpdate
-        self._hooked: weakref.WeakSet = weakref.WeakSet()  # optimizers that drop found_inf after their step
+        self._hooked: weakref.WeakSet = weakref.WeakSet()  # optimizers that drop found_inf, grad_scale after a step
         # (global step, total gradient norm before clipping) of the step being taken: GlowModule's clipping reuses it
         self.grad_norm: tuple[int, Tensor] | None = None
 
