@@ -65,6 +65,27 @@ def test_clipping_reuses_the_guards_norm_and_clips_as_torch_does(cifar_dir, tmp_
             torch.testing.assert_close(a, p.grad, rtol=1e-6, atol=1e-12)
 
 
+def test_gradient_accumulation_clips_the_accumulated_gradients(cifar_dir, tmp_path):
+    """README's recipe for the paper's batch (``--trainer.accumulate_grad_batches``): one guard test, one norm and one
+    clipping per optimizer step, on the gradients summed over its batches."""
+    clip = torch.nn.utils.clip_grad_norm_
+    cli = main(fit_args(cifar_dir, str(tmp_path), "--trainer.max_epochs", "1", "--trainer.accumulate_grad_batches",
+                        "2", "--trainer.gradient_clip_val", "1e-3", "--trainer.callbacks+", f"{__name__}.GradRecorder"))  # fmt: skip
+    recorder = next(c for c in cli.trainer.callbacks if isinstance(c, GradRecorder))
+    assert cli.trainer.num_training_batches == 4 and cli.trainer.global_step == 2
+    assert len(recorder.before) == 4 and len(recorder.after) == 2  # a backward per batch, a step per two
+    for step, after in enumerate(recorder.after):
+        summed = recorder.before[2 * step + 1]  # after the second backward: the sum of both batches' gradients
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in summed]
+        for p, g in zip(params, summed):
+            p.grad = g.clone()
+        assert clip(params, 1e-3, foreach=True) > 1e-3
+        for a, p in zip(after, params):
+            torch.testing.assert_close(a, p.grad, rtol=1e-6, atol=1e-12)
+    guard = next(c for c in cli.trainer.callbacks if isinstance(c, NonFiniteGuard))
+    assert guard.skipped_steps == 0
+
+
 def test_clipping_by_value_clamps_every_gradient(cifar_dir, tmp_path):
     cli = main(fit_args(cifar_dir, str(tmp_path), "--trainer.max_steps", "2", "--trainer.gradient_clip_val", "1e-4",
                         "--trainer.gradient_clip_algorithm", "value", "--trainer.callbacks+", f"{__name__}.GradRecorder"))  # fmt: skip
