@@ -21,6 +21,15 @@ def _grads(optimizer) -> list[torch.Tensor]:
     return [p.grad.clone() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
 
 
+def _torch_clipped(grads: list[torch.Tensor], max_norm: float, clip) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """torch's own ``clip_grad_norm_`` of these gradients: (their norm, the clipped gradients)."""
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    norm = clip(params, max_norm, foreach=True)
+    return norm, [p.grad for p in params]
+
+
 class GradRecorder(L.Callback):
     """The gradients after backward (before the guard and clipping) and after the optimizer step (as it used them:
     fused Adam stores the gradients it scaled)."""
@@ -55,14 +64,11 @@ def test_clipping_reuses_the_guards_norm_and_clips_as_torch_does(cifar_dir, tmp_
     assert bool(cli.trainer.optimizers[0].defaults.get("fused")) == (optimizer == "adam")
     assert not hasattr(cli.trainer.optimizers[0], "grad_scale")  # dropped after each step, as GradScaler does
     for before, after in zip(recorder.before, recorder.after):
-        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in before]
-        for p, g in zip(params, before):
-            p.grad = g.clone()
-        norm = clip(params, 1e-3, foreach=True)  # torch's own clipping of the same gradients
+        norm, clipped = _torch_clipped(before, 1e-3, clip)  # torch's own clipping of the same gradients
         assert norm > 1e-3  # the clipping was active
-        assert len(after) == len(params)
-        for a, p in zip(after, params):  # fused Adam divides by the scale where torch multiplies by its inverse
-            torch.testing.assert_close(a, p.grad, rtol=1e-6, atol=1e-12)
+        assert len(after) == len(clipped)
+        for a, c in zip(after, clipped):  # fused Adam divides by the scale where torch multiplies by its inverse
+            torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-12)
 
 
 def test_gradient_accumulation_clips_the_accumulated_gradients(cifar_dir, tmp_path):
@@ -76,12 +82,10 @@ def test_gradient_accumulation_clips_the_accumulated_gradients(cifar_dir, tmp_pa
     assert len(recorder.before) == 4 and len(recorder.after) == 2  # a backward per batch, a step per two
     for step, after in enumerate(recorder.after):
         summed = recorder.before[2 * step + 1]  # after the second backward: the sum of both batches' gradients
-        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in summed]
-        for p, g in zip(params, summed):
-            p.grad = g.clone()
-        assert clip(params, 1e-3, foreach=True) > 1e-3
-        for a, p in zip(after, params):
-            torch.testing.assert_close(a, p.grad, rtol=1e-6, atol=1e-12)
+        norm, clipped = _torch_clipped(summed, 1e-3, clip)
+        assert norm > 1e-3 and len(after) == len(clipped)
+        for a, c in zip(after, clipped):
+            torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-12)
     guard = next(c for c in cli.trainer.callbacks if isinstance(c, NonFiniteGuard))
     assert guard.skipped_steps == 0
 
