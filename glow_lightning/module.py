@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from .callbacks.nonfinite import NonFiniteGuard
+from .callbacks.nonfinite import NonFiniteGuard, has_grad_scaler, optimizer_params
 from .callbacks.progress import GlowProgressBar
 from .flow import Glow
 from .flow.checks import first_line
@@ -293,7 +293,7 @@ class GlowModule(L.LightningModule):
         guard = next((c for c in self.trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
         if not by_value and guard is not None and guard.clip(self.trainer, optimizer, gradient_clip_val):
             return
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for p in optimizer_params(optimizer) if p.grad is not None]
         if by_value:
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
         else:
@@ -519,7 +519,7 @@ class GlowModule(L.LightningModule):
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:
-        scaler = self._trainer is not None and getattr(self._trainer.precision_plugin, "scaler", None) is not None
+        scaler = self._trainer is not None and has_grad_scaler(self._trainer)
         optimizer = make_optimizer(
             self.hparams.optimizer,
             self.parameters(),

@@ -43,6 +43,16 @@ class NonFiniteTrainingError(FloatingPointError):
     """Training stopped: too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    """Every parameter of the optimizer's groups, in order."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def has_grad_scaler(trainer) -> bool:
+    """Whether the trainer's precision plugin has a GradScaler (16-mixed), which scales, unscales and skips itself."""
+    return getattr(trainer.precision_plugin, "scaler", None) is not None
+
+
 def total_grad_norm(parameters: Iterable[nn.Parameter]) -> Tensor | None:
     """The total L2 norm of the gradients, a 0-dim tensor on the device (no host sync); None without any.
 
@@ -136,15 +146,11 @@ class _MaskedUpdate:
         self.host: list[tuple[Tensor, Tensor]] = []  # (tensor, value to put back if the step was skipped)
         self.handle = optimizer.register_step_post_hook(self.restore)
 
-    @staticmethod
-    def _params(optimizer) -> list[Tensor]:
-        return [p for group in optimizer.param_groups for p in group["params"]]
-
     @torch.no_grad()
     def arm(self, optimizer, skip: Tensor) -> None:
         self.skip = skip.bool()
         saved = []
-        for p in self._params(optimizer):
+        for p in optimizer_params(optimizer):
             saved.append((p, p.detach().clone()))
             saved += [(t, t.clone()) for t in optimizer.state.get(p, {}).values() if isinstance(t, Tensor)]
         self.saved = saved
@@ -156,7 +162,7 @@ class _MaskedUpdate:
         kept = {id(t) for t, _ in self.saved}
         created = [
             (t, torch.zeros_like(t))
-            for p in self._params(optimizer)
+            for p in optimizer_params(optimizer)
             for t in optimizer.state.get(p, {}).values()
             if isinstance(t, Tensor) and id(t) not in kept
         ]
@@ -232,7 +238,7 @@ class NonFiniteGuard(L.Callback):
         ranks); log the total L2 norm of the gradients (unscaled, averaged over DDP ranks, before clipping)."""
         self._settle(trainer, pl_module)
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
-        norm = total_grad_norm(p for group in optimizer.param_groups for p in group["params"])  # on the device
+        norm = total_grad_norm(optimizer_params(optimizer))  # on the device
         self.grad_norm = (trainer.global_step, norm) if norm is not None else None
         finite = torch.isfinite(norm) if norm is not None else None
         if self._loss_finite is not None:
@@ -240,7 +246,7 @@ class NonFiniteGuard(L.Callback):
         self._loss_finite = None
         bad = ~finite if finite is not None else torch.zeros((), dtype=torch.bool, device=pl_module.device)
         skip = _all_ranks_max(bad.float())  # 1.0: skip this update (on every rank alike)
-        if getattr(trainer.precision_plugin, "scaler", None) is None:  # a GradScaler skips by itself
+        if not has_grad_scaler(trainer):  # a GradScaler skips by itself
             self._apply(optimizer, skip)
         if self._skipped_on_device is None:  # a fit without on_train_start (called by hand)
             self.on_train_start(trainer, pl_module)
@@ -267,12 +273,12 @@ class NonFiniteGuard(L.Callback):
         optimizer = getattr(optimizer, "_optimizer", optimizer)
         if (
             optimizer in self._hooked  # fused, given found_inf this fit; the post hook drops grad_scale too
-            and getattr(trainer.precision_plugin, "scaler", None) is None
+            and not has_grad_scaler(trainer)
             and getattr(optimizer, "grad_scale", None) is None
         ):
             optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)  # as clip_grads_with_norm_'s
         else:
-            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            params = [p for p in optimizer_params(optimizer) if p.grad is not None]
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
         return True
 

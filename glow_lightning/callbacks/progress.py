@@ -48,12 +48,11 @@ class GlowProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if logs_at(trainer, trainer.global_step - 1):  # the step just done logged them: read them now
             self._read(trainer)
-        now = time.monotonic()
-        if now - self._drawn < self.min_interval and batch_idx + 1 != self.total_train_batches:
+        bar, n, now = self.train_progress_bar, batch_idx + 1, time.monotonic()
+        if bar is None or not self.is_enabled:
             return
-        bar, n = self.train_progress_bar, batch_idx + 1
-        if bar is None or not (self.is_enabled and (n % self.refresh_rate == 0 or n == bar.total)):
-            return
+        if n != bar.total and (n % self.refresh_rate or now - self._drawn < self.min_interval):
+            return  # an epoch's last batch always draws
         self._drawn = now
         self._in_batch = True
         try:

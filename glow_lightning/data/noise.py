@@ -24,9 +24,9 @@ def hash32(x: Tensor) -> Tensor:
     return _hash32_(x & _MASK32)
 
 
-def _hash32_(x: Tensor) -> Tensor:
-    """:func:`hash32` of an int64 tensor already < 2**32, in place (the data pipeline's hot path: 4 allocations
-    instead of 11)."""
+def _hash32_(x):
+    """:func:`hash32` of a value already < 2**32: an int64 tensor in place (the data pipeline's hot path: 4
+    allocations instead of 11), or a Python int (the same value, no tensor op)."""
     for _ in range(2):
         x ^= x >> 16
         x *= 0x045D9F3B
@@ -35,17 +35,9 @@ def _hash32_(x: Tensor) -> Tensor:
     return x
 
 
-def _hash32_int(x: int) -> int:
-    """:func:`hash32` of one Python int (the same value as on a tensor)."""
-    x &= _MASK32
-    for _ in range(2):
-        x = ((x ^ (x >> 16)) * 0x045D9F3B) & _MASK32
-    return x ^ (x >> 16)
-
-
 def item_keys(seed: int, stream: int, index: Tensor) -> Tensor:
     """One 32-bit key per image from (seed, stream, index): (B,) int64."""
-    key = _hash32_int(_hash32_int(seed) ^ (stream & _MASK32))  # the same for every image: no tensor op
+    key = _hash32_(_hash32_(seed & _MASK32) ^ (stream & _MASK32))  # Python ints: the same for every image
     return _hash32_((index & _MASK32) ^ key)
 
 
