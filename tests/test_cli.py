@@ -308,3 +308,20 @@ def test_lightnings_adverts_are_dropped_and_its_other_messages_kept(cifar_dir, t
         logger.removeHandler(handler)
     assert any(m.startswith("GPU available") for m in messages)  # the handler saw Lightning's messages
     assert not [m for m in messages if "Tip:" in m]
+
+
+def test_library_internal_deprecations_are_dropped_and_other_warnings_kept(tiny_checkpoint, tmp_path, recwarn):
+    """Newer torch (2.14 here) deprecates ``LeafSpec()``, which Lightning itself calls: one FutureWarning per glow command that
+    the user cannot act on. The glow command drops that one; other FutureWarnings still show."""
+    import warnings
+
+    main(["sample", "--ckpt_path", tiny_checkpoint, "--num_samples", "4", "--output", str(tmp_path / "s.png")])
+    recwarn.clear()
+    warnings.warn(
+        "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and "
+        "treespec.is_leaf()` instead.",
+        FutureWarning,
+        stacklevel=1,
+    )
+    warnings.warn("some other future change", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in recwarn] == ["some other future change"]

@@ -55,6 +55,7 @@ import os
 import re
 import signal
 import sys
+import warnings
 
 import torch
 from fsspec.core import url_to_fs
@@ -533,10 +534,18 @@ class _NoAdverts(logging.Filter):
         return not str(record.msg).startswith("💡 Tip:")
 
 
+# Lightning's own use of a torch API that newer torch deprecates (2.14 here) (``LeafSpec()`` in
+# lightning/pytorch/utilities/_pytree.py): printed once per glow command, nothing a user can act on.
+_LIBRARY_DEPRECATIONS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+
+
 def _quiet_adverts() -> None:
+    """Lightning's adverts and the library-internal deprecation warnings above; everything else passes."""
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _NoAdverts) for f in logger.filters):
         logger.addFilter(_NoAdverts())
+    for message in _LIBRARY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
 def main(args: list[str] | None = None) -> GlowCLI | None:
