@@ -14,7 +14,7 @@ from glow_lightning.callbacks import GlowProgressBar
 from glow_lightning.callbacks.nonfinite import NonFiniteGuard
 from glow_lightning.cli import main
 
-from .conftest import fit_args
+from .conftest import cli_args, fit_args
 
 
 def _grads(optimizer) -> list[torch.Tensor]:
@@ -154,3 +154,32 @@ def test_the_training_bar_redraws_at_most_every_min_interval(cifar_dir, tmp_path
 def test_a_negative_min_interval_is_refused():
     with pytest.raises(ValueError, match="min_interval must be >= 0 seconds, got -1"):
         GlowProgressBar(min_interval=-1)
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+@pytest.mark.parametrize("min_interval, draws", [(0.0, "every batch"), (1e9, "first and last")])
+def test_the_evaluation_bars_redraw_at_most_every_min_interval(
+    cifar_dir, tiny_checkpoint, tmp_path, monkeypatch, subcommand, min_interval, draws
+):
+    """Lightning's validation / test bar redraws after every batch; GlowProgressBar's at most every min_interval."""
+    drawn: list[tuple[int, int]] = []
+    refresh = Tqdm.refresh
+
+    def counted(self, *args, **kwargs):
+        drawn.append((id(self), self.n))
+        return refresh(self, *args, **kwargs)
+
+    monkeypatch.setattr(Tqdm, "refresh", counted)
+    args = cli_args(subcommand, cifar_dir, str(tmp_path), "--ckpt_path", tiny_checkpoint, "--data.batch_size", "2",
+                    "--trainer.limit_val_batches", "1.0", "--trainer.limit_test_batches", "1.0",
+                    "--trainer.callbacks+", "glow_lightning.callbacks.GlowProgressBar",
+                    "--trainer.callbacks.min_interval", str(min_interval))  # fmt: skip
+    args[args.index("--trainer.enable_progress_bar") + 1] = "true"
+    cli = main(args)
+    bar = cli.trainer.progress_bar_callback
+    assert isinstance(bar, GlowProgressBar)
+    shown = [n for _, n in drawn if n > 0]
+    batches = max(shown)
+    assert batches >= 3
+    assert shown[:-1] == (list(range(1, batches)) if draws == "every batch" else [1])  # inner batches
+    assert shown[-1] == batches  # the last batch always draws

@@ -10,7 +10,8 @@ between refreshes it shows the last value read.
 It also redraws the training bar at most every ``min_interval`` seconds (0.2: five times a second; Lightning's bar
 redraws after every batch, which costs ~0.3 ms of Python per batch: issue 17 item 4), and always at an epoch's
 last batch, once per update (Lightning's draws the count, then again the metrics: two lines per update in a
-redirected log).
+redirected log). The validation, test and predict bars are throttled alike (Lightning's redraw after every batch:
+one more ``\r`` line per batch in a redirected log), and always drawn at their last batch.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class GlowProgressBar(TQDMProgressBar):
     Args:
         refresh_rate: redraw the bar every this many batches (as Lightning's ``TQDMProgressBar``; 0 hides it).
         leave: leave the finished epoch's bar on screen.
-        min_interval: and at most every this many seconds during training (an epoch's last batch always).
+        min_interval: and at most every this many seconds (training, validation, test and predict bars; the last
+            batch of an epoch or evaluation always).
     """
 
     def __init__(self, refresh_rate: int = 1, leave: bool = False, min_interval: float = 0.2):
@@ -43,6 +45,7 @@ class GlowProgressBar(TQDMProgressBar):
         self._shown: dict[str, float] = {}
         self._in_batch = False
         self._drawn = float("-inf")  # time.monotonic() of the last training-bar redraw
+        self._eval_drawn = float("-inf")  # ... of the last validation / test / predict bar redraw
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -62,6 +65,29 @@ class GlowProgressBar(TQDMProgressBar):
         if not bar.disable:  # one redraw with the count and the metrics (Lightning's bar draws twice per update)
             bar.n = n
             bar.refresh()
+
+    def _eval_batch_end(self, bar, batch_idx: int) -> None:
+        """Lightning's validation / test / predict batch end, throttled as the training bar."""
+        n, now = batch_idx + 1, time.monotonic()
+        if bar is None or not self.is_enabled or bar.disable:
+            return
+        if n != bar.total and (n % self.refresh_rate or now - self._eval_drawn < self.min_interval):
+            return
+        self._eval_drawn = now
+        bar.n = n
+        bar.refresh()
+
+    @override
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._eval_batch_end(self.val_progress_bar, batch_idx)
+
+    @override
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._eval_batch_end(self.test_progress_bar, batch_idx)
+
+    @override
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._eval_batch_end(self.predict_progress_bar, batch_idx)
 
     def _read(self, trainer) -> None:
         metrics = trainer.callback_metrics
