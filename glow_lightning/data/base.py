@@ -31,7 +31,7 @@ from torch.utils.data._utils.collate import default_collate
 from typing_extensions import override
 
 from ..flow.quantize import bins_to_unit, check_n_bits, pixels_to_bins
-from .noise import EVAL_STREAM, flip_mask, item_keys, uniform_from_keys
+from .noise import EVAL_STREAM, flip_from_keys, item_keys, uniform_from_keys
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -347,24 +347,28 @@ class GlowDataModule(L.LightningDataModule):
         return self._loader(self.predict_split)
 
     # ---- quantization, augmentation, dequantization (on the device)
-    def dequantize(self, bins: Tensor, index: Tensor, stream: int = EVAL_STREAM) -> Tensor:
-        """Integer bins (B, C, H, W) -> ``(k + u) / 2**n_bits``, u ~ U(0, 1) a function of (seed, stream, index)."""
-        noise = uniform_from_keys(item_keys(self.seed, stream, index), tuple(bins.shape[1:]))
+    def dequantize(self, bins: Tensor, index: Tensor, stream: int = EVAL_STREAM, keys: Tensor | None = None) -> Tensor:
+        """Integer bins (B, C, H, W) -> ``(k + u) / 2**n_bits``, u ~ U(0, 1) a function of (seed, stream, index).
+
+        ``keys``: the images' ``item_keys(seed, stream, index)``, when the caller has them already."""
+        keys = item_keys(self.seed, stream, index) if keys is None else keys
+        noise = uniform_from_keys(keys, tuple(bins.shape[1:]))
         return bins_to_unit(bins, self.n_bits).add_(noise.div_(2**self.n_bits))
 
-    def flip_images(self, images: Tensor, index: Tensor, stream: int) -> Tensor:
+    def flip_images(self, images: Tensor, index: Tensor, stream: int, keys: Tensor | None = None) -> Tensor:
         """Mirror about half of the images (pixels or bins) left-right, as a function of (seed, stream, index)."""
-        flip = flip_mask(self.seed, stream, index)
+        flip = flip_from_keys(item_keys(self.seed, stream, index) if keys is None else keys)
         return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
     def prepare_batch(self, batch: dict, train: bool, epoch: int = 0) -> dict:
         """Raw collated batch -> ``{"x", "bins", "label", "index"}`` on the batch's device."""
         index = batch["index"].long()
         pixels, stream = batch["pixels"], epoch if train else EVAL_STREAM
+        keys = item_keys(self.seed, stream, index)  # once for the flips and the noise
         if train and self.flip:
-            pixels = self.flip_images(pixels, index, stream)  # on uint8: an eighth of the bytes of the bins
+            pixels = self.flip_images(pixels, index, stream, keys)  # on uint8: an eighth of the bytes of the bins
         bins = pixels_to_bins(pixels, self.n_bits)
-        return {"x": self.dequantize(bins, index, stream), "bins": bins, "label": batch["label"], "index": index}
+        return {"x": self.dequantize(bins, index, stream, keys), "bins": bins, "label": batch["label"], "index": index}
 
     @override
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:

@@ -55,4 +55,9 @@ def uniform_from_keys(keys: Tensor, shape: tuple[int, ...]) -> Tensor:
 
 def flip_mask(seed: int, stream: int, index: Tensor) -> Tensor:
     """Which images to mirror: about half, a function of (seed, stream, index): (B,) bool."""
-    return (hash32(item_keys(seed, stream, index) ^ FLIP_SALT) & 1).bool()
+    return flip_from_keys(item_keys(seed, stream, index))
+
+
+def flip_from_keys(keys: Tensor) -> Tensor:
+    """:func:`flip_mask` from the images' :func:`item_keys` (the data pipeline computes them once per batch)."""
+    return (_hash32_(keys ^ FLIP_SALT) & 1).bool()  # keys and the salt are < 2**32: so is their xor
