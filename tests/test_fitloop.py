@@ -125,9 +125,10 @@ def test_a_trained_module_still_pickles(cifar_dir, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(copy.state_dict().values(), cli.model.state_dict().values()))
 
 
-@pytest.mark.parametrize("min_interval, draws", [(0.0, "every batch"), (1e9, "first and last")])
-def test_the_training_bar_redraws_at_most_every_min_interval(cifar_dir, tmp_path, monkeypatch, min_interval, draws):
-    drawn: list[tuple[int, int]] = []  # (bar id, count shown) at each redraw of any bar
+@pytest.fixture
+def drawn(monkeypatch) -> list[tuple[int, int]]:
+    """(bar id, count shown) at each redraw of any TQDM bar during the test."""
+    drawn: list[tuple[int, int]] = []
     refresh = Tqdm.refresh
 
     def counted(self, *args, **kwargs):
@@ -135,6 +136,11 @@ def test_the_training_bar_redraws_at_most_every_min_interval(cifar_dir, tmp_path
         return refresh(self, *args, **kwargs)
 
     monkeypatch.setattr(Tqdm, "refresh", counted)
+    return drawn
+
+
+@pytest.mark.parametrize("min_interval, draws", [(0.0, "every batch"), (1e9, "first and last")])
+def test_the_training_bar_redraws_at_most_every_min_interval(cifar_dir, tmp_path, drawn, min_interval, draws):
     args = fit_args(cifar_dir, str(tmp_path), "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "2",
                     "--trainer.callbacks+", "glow_lightning.callbacks.GlowProgressBar",
                     "--trainer.callbacks.min_interval", str(min_interval))  # fmt: skip
@@ -159,17 +165,9 @@ def test_a_negative_min_interval_is_refused():
 @pytest.mark.parametrize("subcommand", ["validate", "test"])
 @pytest.mark.parametrize("min_interval, draws", [(0.0, "every batch"), (1e9, "first and last")])
 def test_the_evaluation_bars_redraw_at_most_every_min_interval(
-    cifar_dir, tiny_checkpoint, tmp_path, monkeypatch, subcommand, min_interval, draws
+    cifar_dir, tiny_checkpoint, tmp_path, drawn, subcommand, min_interval, draws
 ):
     """Lightning's validation / test bar redraws after every batch; GlowProgressBar's at most every min_interval."""
-    drawn: list[tuple[int, int]] = []
-    refresh = Tqdm.refresh
-
-    def counted(self, *args, **kwargs):
-        drawn.append((id(self), self.n))
-        return refresh(self, *args, **kwargs)
-
-    monkeypatch.setattr(Tqdm, "refresh", counted)
     args = cli_args(subcommand, cifar_dir, str(tmp_path), "--ckpt_path", tiny_checkpoint, "--data.batch_size", "2",
                     "--trainer.limit_val_batches", "1.0", "--trainer.limit_test_batches", "1.0",
                     "--trainer.callbacks+", "glow_lightning.callbacks.GlowProgressBar",
