@@ -165,6 +165,20 @@ def test_a_moved_run_resumes_with_its_best_file_tracked(cifar_dir, tmp_path, rec
     assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
 
 
+@pytest.mark.parametrize("subcommand", ["test", "validate"])
+def test_evaluating_a_checkpoint_from_another_folder_is_quiet(
+    cifar_dir, tiny_checkpoint, tmp_path, recwarn, subcommand
+):
+    """``glow test --ckpt_path`` of a checkpoint written elsewhere (another run folder, another machine): nothing
+    is saved, so no checkpoint tracking is restored, and Lightning's "dirpath has changed" warning is gone."""
+    args = fit_args(cifar_dir, str(tmp_path / "elsewhere"), "--ckpt_path", tiny_checkpoint)
+    cli = main([subcommand, *args[1:]])
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+    callback = cli.trainer.checkpoint_callback
+    assert callback.best_model_path == "" and not callback.best_k_models
+    assert cli.trainer.callback_metrics  # it evaluated
+
+
 def test_a_resume_from_a_copied_last_ckpt_leaves_the_original_run_alone(cifar_dir, tmp_path):
     """Only last.ckpt copied to a new folder (a fork of the run): the original folder's files stay untouched."""
     old, new = str(tmp_path / "original"), str(tmp_path / "fork")

@@ -81,6 +81,7 @@ class GlowCheckpoint(ModelCheckpoint):
         self.keep_last = save_last
         self.signals = SignalFlags()
         self._last_step_written: int | None = None
+        self._fitting = True  # set by setup(): only a fit restores the tracking of earlier checkpoints
 
     @property
     def last_path(self) -> str | None:
@@ -111,7 +112,12 @@ class GlowCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """A run moved or copied to another folder (its ``dirpath`` changed) goes on tracking its checkpoints
         when they are in the new folder: their paths are read relative to the old one. (Lightning keeps only
-        ``best_model_path``, into the old folder: a resume kept the moved best file forever and wrote a second.)"""
+        ``best_model_path``, into the old folder: a resume kept the moved best file forever and wrote a second.)
+
+        Outside a fit (``glow test / validate / predict --ckpt_path``) nothing is tracked and nothing loaded:
+        Lightning warned that the dirpath had changed whenever the checkpoint came from another folder or machine."""
+        if not self._fitting:
+            return
         old = state_dict.get("dirpath")
         if self.dirpath and old and old != self.dirpath:
             state_dict = self._moved(state_dict, old) or state_dict
@@ -199,6 +205,7 @@ class GlowCheckpoint(ModelCheckpoint):
     @override
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self._fitting = stage == "fit"
         if stage == "fit" and self.dirpath and trainer.is_global_zero:
             check_writable(self.dirpath, "checkpoint directory")
             remove_stale_temporaries(self.dirpath)
