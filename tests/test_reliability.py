@@ -300,6 +300,24 @@ def test_test_with_last_but_no_checkpoint_is_an_error(cifar_dir, tmp_path, capsy
     assert f"--ckpt_path last: there is no {tmp_path}/checkpoints/last.ckpt" in capsys.readouterr().err
 
 
+def test_last_but_no_checkpoint_names_the_runs_that_have_one(cifar_dir, tmp_path, capsys, monkeypatch):
+    """``glow sample --ckpt_path last`` typed without the run's config: the error names the runs under ./runs
+    that have a last.ckpt, newest first, and how to pick one."""
+    monkeypatch.chdir(tmp_path)
+    for i, name in enumerate(["older", "newer"]):
+        (tmp_path / "runs" / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / "runs" / name / "checkpoints" / "last.ckpt").write_bytes(b"")
+        os.utime(tmp_path / "runs" / name / "checkpoints" / "last.ckpt", (1e9 + i, 1e9 + i))
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", "--ckpt_path", "last"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        f"there is no {tmp_path}/checkpoints/last.ckpt; runs here with a last.ckpt, newest first: runs/newer, "
+        "runs/older (pass the run's --config, or --trainer.default_root_dir runs/newer)" in err
+    ), err
+
+
 @pytest.mark.parametrize(
     ("kwargs", "culprit"),
     [

@@ -138,6 +138,17 @@ def find_last(dirpath: str) -> str | None:
     return path if fs.exists(target) else None
 
 
+def runs_here_hint() -> str:
+    """For a ``--ckpt_path last`` that found nothing: the runs with a ``last.ckpt`` under ``./runs`` (where the
+    packaged configs train), newest first, and how to pick one; empty when there are none."""
+    found = sorted(glob.glob(os.path.join("runs", "*", "checkpoints", "last.ckpt")), key=os.path.getmtime, reverse=True)
+    runs = [os.path.dirname(os.path.dirname(p)) for p in found]
+    if not runs:
+        return ""
+    shown = ", ".join(runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
+    return f"; runs here with a last.ckpt, newest first: {shown} (pass the run's --config, or --trainer.default_root_dir {runs[0]})"
+
+
 def without_configs(args: list[str]) -> list[str]:
     """``args`` without its ``--config FILE`` / ``-c FILE`` / ``--config=FILE`` entries."""
     out, skip = [], False
@@ -340,7 +351,9 @@ class GlowCLI(LightningCLI):
             dirpath = self.config[subcommand].checkpoint.dirpath
             ckpt_path = self.config[subcommand]["ckpt_path"] = find_last(dirpath)
             if ckpt_path is None and subcommand != "fit":
-                self._parser(subcommand).error(f"--ckpt_path last: there is no {join(dirpath, 'last.ckpt')}")
+                self._parser(subcommand).error(
+                    f"--ckpt_path last: there is no {join(dirpath, 'last.ckpt')}{runs_here_hint()}"
+                )
             # fit: nothing to resume yet, start from scratch (set-and-forget for preemptible jobs)
         init_weights = self.config[subcommand].model.get("init_weights") if subcommand == "fit" else None
         if init_weights and ckpt_path in SPECIAL_CKPT_PATHS:
