@@ -191,3 +191,36 @@ def test_a_resume_from_a_copied_last_ckpt_leaves_the_original_run_alone(cifar_di
     assert checkpoints(old) == before  # nothing removed or rewritten there
     saved = checkpoints(new)
     assert saved.pop("last.ckpt") == cli.trainer.global_step == 8 and list(saved.values()) == [8]
+
+
+def test_a_fit_stopped_before_its_first_validation_keeps_last_ckpt_without_a_warning(cifar_dir, tmp_path, recwarn):
+    """``--trainer.max_steps 2`` stops mid-epoch before any validation: no val/bpd to rank a best file by, so
+    last.ckpt only, and not Lightning's misleading "could not find the monitored key ... Did you call log()?"."""
+    run = str(tmp_path / "run")
+    cli = main(fit_args(cifar_dir, run, "--trainer.max_steps", "2", *QUICK[2:]))  # with the sanity check
+    assert cli.trainer.global_step == 2 and cli.trainer.num_training_batches > 2
+    assert checkpoints(run) == {"last.ckpt": 2}
+    assert not [w for w in recwarn if "could not find the monitored key" in str(w.message)]
+
+
+@pytest.mark.parametrize("sanity", ["2", "0"])
+def test_a_mistyped_monitor_is_one_clear_error_at_the_first_validation(cifar_dir, tmp_path, capsys, sanity):
+    """``--checkpoint.monitor val/bdp``: one line naming it and what validation logs, at the sanity check (or the
+    first validation without one), not a traceback after a whole epoch."""
+    with pytest.raises(SystemExit) as exc:
+        main(fit_args(cifar_dir, str(tmp_path / "run"), "--checkpoint.monitor", "val/bdp", "--trainer.max_epochs", "1",
+                      *QUICK[2:], "--trainer.num_sanity_val_steps", sanity))  # fmt: skip
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "glow: error: --checkpoint.monitor 'val/bdp' is not a metric this run logs (validation logged: " in err
+    assert "val/bpd" in err.splitlines()[-1] and "Traceback" not in err
+
+
+def test_a_mistyped_training_monitor_is_lightnings_error_in_one_line(cifar_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(fit_args(cifar_dir, str(tmp_path / "run"), "--checkpoint.monitor", "train/bdp", "--trainer.max_epochs",
+                      "1", *QUICK))  # fmt: skip
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "glow: error: `ModelCheckpoint(monitor='train/bdp')` could not find the monitored key" in err
+    assert "Traceback" not in err

@@ -39,6 +39,12 @@ from typing_extensions import override
 from ..io import check_writable, join, remove_stale_temporaries
 from .preemption import SignalFlags
 
+LOGGED_AFTER_SANITY = ("val/fid", "val/recon_error")  # FIDMonitor, InvertibilityMonitor: not in the sanity check
+
+
+class UnknownMonitorError(ValueError):
+    """``--checkpoint.monitor`` names a metric that validation does not log."""
+
 
 class GlowCheckpoint(ModelCheckpoint):
     """Save ``last.ckpt`` and the best checkpoints by validation bits/dim.
@@ -82,6 +88,7 @@ class GlowCheckpoint(ModelCheckpoint):
         self.signals = SignalFlags()
         self._last_step_written: int | None = None
         self._fitting = True  # set by setup(): only a fit restores the tracking of earlier checkpoints
+        self._validated = False  # whether this fit has run a validation (sanity check excluded)
 
     @property
     def last_path(self) -> str | None:
@@ -168,7 +175,23 @@ class GlowCheckpoint(ModelCheckpoint):
 
     @override
     def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._validated = True
+        self._check_monitor(trainer)
         super().on_validation_end(trainer, pl_module)
+
+    def _check_monitor(self, trainer) -> None:
+        """A monitor that validation does not log (``--checkpoint.monitor val/bdp``): one clear error at the sanity
+        check, seconds into the run, instead of Lightning's at the end of the first epoch. Training metrics
+        (``train/...``) and those of callbacks that skip the sanity check (``val/fid``, ``val/recon_error``) are
+        logged only later: Lightning checks those."""
+        later = self.monitor is None or self.monitor.startswith("train/") or self.monitor in LOGGED_AFTER_SANITY
+        if later or self.monitor in trainer.callback_metrics:
+            return
+        logged = ", ".join(sorted(k for k in trainer.callback_metrics if k not in ("epoch", "step")))
+        raise UnknownMonitorError(
+            f"--checkpoint.monitor {self.monitor!r} is not a metric this run logs (validation logged: {logged})"
+        )
         # a validation at the end of an epoch (or at a mid-epoch stop by max_time / EarlyStopping) has its best
         # file saved by on_train_epoch_end, which then writes last.ckpt with that file in its callback state
         if not self._should_save_on_train_epoch_end(trainer):
@@ -176,7 +199,11 @@ class GlowCheckpoint(ModelCheckpoint):
 
     @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
+        # a fit stopped (max_steps, max_time) before its first validation has no val/bpd to rank a best file by:
+        # last.ckpt only, without Lightning's warning "could not find the monitored key ... Did you call log(...)?"
+        # (after a validation a missing key is still Lightning's error: a mistyped --checkpoint.monitor)
+        if self._validated or self.monitor is None or self.monitor in trainer.callback_metrics:
+            super().on_train_epoch_end(trainer, pl_module)
         self.write_last(trainer)  # also the end of training (runs before GlowEMA's on_train_end)
 
     @override
@@ -205,7 +232,7 @@ class GlowCheckpoint(ModelCheckpoint):
     @override
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self._fitting = stage == "fit"
+        self._fitting, self._validated = stage == "fit", False
         if stage == "fit" and self.dirpath and trainer.is_global_zero:
             check_writable(self.dirpath, "checkpoint directory")
             remove_stale_temporaries(self.dirpath)

@@ -77,6 +77,7 @@ from ..callbacks import (
     ReconstructionImages,
     SampleImages,
 )
+from ..callbacks.checkpoint import UnknownMonitorError
 from ..callbacks.preemption import exit_code
 from ..data import GlowDataModule
 from ..data.base import DatasetError
@@ -585,6 +586,8 @@ def main(args: list[str] | None = None) -> GlowCLI | None:
         UnreadableCheckpointError,
         NonFiniteTrainingError,
         FeatureExtractorError,
+        UnknownMonitorError,
+        MisconfigurationException,  # raised by Lightning during a run (e.g. a training metric it cannot find)
     ) as err:
         print(f"glow: error: {err}", file=sys.stderr)
         raise SystemExit(1) from err
