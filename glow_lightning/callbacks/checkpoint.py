@@ -52,7 +52,9 @@ class GlowCheckpoint(ModelCheckpoint):
     Args:
         dirpath: checkpoint directory (set from ``trainer.default_root_dir`` by the ``glow`` CLI).
         filename: checkpoint name pattern (metric names written explicitly).
-        monitor: metric that ranks checkpoints.
+        monitor: metric that ranks checkpoints: ``val/bpd``, or another that every validation logs (``val/acc`` of
+            a class-conditional model, ``val/recon_error``); a name validation does not log is refused at the sanity
+            check. A fit stopped before its first validation keeps ``last.ckpt`` only.
         mode: ``min`` or ``max`` of ``monitor``.
         save_top_k: how many best checkpoints to keep (-1 = all).
         save_last: also keep ``last.ckpt``, the newest state (rewritten at every validation, every
