@@ -300,6 +300,38 @@ def test_test_with_last_but_no_checkpoint_is_an_error(cifar_dir, tmp_path, capsy
     assert f"--ckpt_path last: there is no {tmp_path}/checkpoints/last.ckpt" in capsys.readouterr().err
 
 
+def test_ckpt_path_best_finds_the_best_checkpoint_of_a_run_folder(cifar_dir, tiny_run, tmp_path):
+    """``glow test --ckpt_path best`` in a new process (Lightning's "best" only knows a fit in the same process): the
+    file last.ckpt's checkpoint callback tracks, looked up by name in the (here: copied) run folder, even beside
+    another checkpoint."""
+    import shutil
+
+    run = str(tmp_path / "copied_run")
+    shutil.copytree(tiny_run, run)
+    directory = os.path.join(run, "checkpoints")
+    best = [n for n in os.listdir(directory) if n != "last.ckpt"]
+    assert len(best) == 1
+    shutil.copy(os.path.join(directory, "last.ckpt"), os.path.join(directory, "epoch999-other.ckpt"))
+    cli = main(_test_args(cifar_dir, run, "--ckpt_path", "best"))
+    assert cli.trainer.ckpt_path == os.path.join(directory, best[0])
+    assert cli.trainer.callback_metrics["test/bpd"] > 0
+
+
+def test_ckpt_path_best_without_one_is_one_line(cifar_dir, tmp_path, capsys):
+    directory = tmp_path / "run" / "checkpoints"
+    directory.mkdir(parents=True)
+    with pytest.raises(SystemExit) as exc:
+        main(_test_args(cifar_dir, str(tmp_path / "run"), "--ckpt_path", "best"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        f"--ckpt_path best: {directory} holds no best checkpoint (one is written at each validation that "
+        "improves val/bpd)"
+        in err
+        and "Traceback" not in err
+    )
+
+
 def test_last_but_no_checkpoint_names_the_runs_that_have_one(cifar_dir, tmp_path, capsys, monkeypatch):
     """``glow sample --ckpt_path last`` typed without the run's config: the error names the runs under ./runs
     that have a last.ckpt, newest first, and how to pick one."""

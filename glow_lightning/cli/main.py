@@ -139,6 +139,29 @@ def find_last(dirpath: str) -> str | None:
     return path if fs.exists(target) else None
 
 
+def find_best(dirpath: str) -> str | None:
+    """The best checkpoint of the run in ``dirpath``: the one ``last.ckpt``'s checkpoint callback tracks (looked up in
+    ``dirpath`` by name, so a moved run folder works), else the only checkpoint besides ``last.ckpt``; None if
+    neither. Lightning's own ``ckpt_path="best"`` only knows the best file of a fit in the same process."""
+    fs, target = url_to_fs(dirpath)
+    last = find_last(dirpath)
+    if last is not None:
+        try:
+            states = load_checkpoint_file(last).get("callbacks") or {}
+        except (UnreadableCheckpointError, FileNotFoundError):
+            states = {}
+        for state in states.values():
+            tracked = state.get("best_model_path") if isinstance(state, dict) else None
+            if tracked:
+                path = join(dirpath, os.path.basename(tracked))
+                if fs.exists(url_to_fs(path)[1]):
+                    return path
+    if not fs.isdir(target):
+        return None
+    others = sorted(p for p in fs.ls(target, detail=False) if p.endswith(".ckpt") and not p.endswith("/last.ckpt"))
+    return join(dirpath, os.path.basename(others[0])) if len(others) == 1 else None
+
+
 def runs_here_hint() -> str:
     """For a ``--ckpt_path last`` that found nothing: the runs with a ``last.ckpt`` under ``./runs`` (where the
     packaged configs train), newest first, and how to pick one; empty when there are none."""
@@ -356,6 +379,16 @@ class GlowCLI(LightningCLI):
                     f"--ckpt_path last: there is no {join(dirpath, 'last.ckpt')}{runs_here_hint()}"
                 )
             # fit: nothing to resume yet, start from scratch (set-and-forget for preemptible jobs)
+        elif ckpt_path == "best":
+            dirpath = self.config[subcommand].checkpoint.dirpath
+            ckpt_path = self.config[subcommand]["ckpt_path"] = find_best(dirpath)
+            if ckpt_path is None:
+                monitor = self.config[subcommand].checkpoint.get("monitor") or "val/bpd"
+                self._parser(subcommand).error(
+                    f"--ckpt_path best: {dirpath} holds no best checkpoint (one is written at each validation that "
+                    f"improves {monitor})"
+                    + ("; --ckpt_path last takes its newest state" if find_last(dirpath) else runs_here_hint())
+                )
         init_weights = self.config[subcommand].model.get("init_weights") if subcommand == "fit" else None
         if init_weights and ckpt_path in SPECIAL_CKPT_PATHS:
             self._refuse_warm_start_and_resume(init_weights, ckpt_path)
