@@ -21,12 +21,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from .callbacks.nonfinite import NonFiniteGuard, has_grad_scaler, optimizer_params
 from .callbacks.progress import GlowProgressBar
+from .console import say
 from .flow import Glow
 from .flow.checks import first_line
 from .flow.dequantization import VariationalDequantizer, dequantize, unit_noise
@@ -37,11 +37,6 @@ from .metrics import BitsPerDim, logs_at
 
 # the hyperparameters a checkpoint's weights depend on: the flow's, and the variational dequantizer (a module)
 ARCH_CHECKED = (*ARCH_KEYS, "dequantization")
-
-
-@rank_zero_only
-def say(line: str) -> None:
-    print(line, flush=True)
 
 
 class CheckpointMismatchError(ValueError):

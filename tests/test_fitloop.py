@@ -181,3 +181,14 @@ def test_the_evaluation_bars_redraw_at_most_every_min_interval(
     assert batches >= 3
     assert shown[:-1] == (list(range(1, batches)) if draws == "every batch" else [1])  # inner batches
     assert shown[-1] == batches  # the last batch always draws
+
+
+def test_glow_lines_during_a_fit_are_printed_above_the_bar(cifar_dir, tmp_path, capsys):
+    """A plain print landed at the end of the bar's line ('Training: ... it/s]glow: lr schedule: ...'), and the
+    bar's next redraw wrote over it; the lines now start a line of their own, the bar redrawn below."""
+    args = fit_args(cifar_dir, str(tmp_path), "--trainer.max_steps", "2", "--model.schedule", "cosine")
+    args[args.index("--trainer.enable_progress_bar") + 1] = "true"
+    main(args)
+    segments = capsys.readouterr().out.replace("\r", "\n").split("\n")
+    assert any(s.startswith("glow: lr schedule: warmup") for s in segments)
+    assert not [s for s in segments if "glow:" in s and not s.startswith("glow:")]

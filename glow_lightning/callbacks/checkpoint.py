@@ -36,6 +36,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
+from ..console import say
 from ..io import check_writable, join, remove_stale_temporaries
 from .preemption import SignalFlags
 
@@ -173,7 +174,7 @@ class GlowCheckpoint(ModelCheckpoint):
         if requested or (n >= 1 and trainer.global_step % n == 0):
             path = self.write_last(trainer)
             if requested and path and trainer.is_global_zero:
-                print(f"glow: save requested by signal: wrote {path} (global step {trainer.global_step})", flush=True)
+                say(f"glow: save requested by signal: wrote {path} (global step {trainer.global_step})", all_ranks=True)
 
     @override
     def on_validation_end(self, trainer, pl_module) -> None:

@@ -22,6 +22,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
+from ..console import say
+
 
 def dataset_name(datamodule: Any) -> str:
     """``CIFAR10DataModule`` -> ``cifar10``; ``data`` when there is no datamodule."""
@@ -79,7 +81,7 @@ class LikelihoodWriter(BasePredictionWriter):
         trainer.strategy.barrier("prediction_writer")
         if trainer.is_global_zero:
             self._merge(trainer.world_size)
-            print(f"glow predict: wrote {self.path}")
+            say(f"glow predict: wrote {self.path}", all_ranks=True)  # rank 0 here
         trainer.strategy.barrier("prediction_writer_merged")
 
     def _merge(self, world_size: int) -> None:
