@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import time
 
 import lightning as L
@@ -136,3 +137,17 @@ class FailingWrites(L.Callback):
             import glow_lightning.io as gio
 
             gio._write_chunks, self._original = self._original, None
+
+
+class LastCkptProbe(L.Callback):
+    """Record (global_step, the global step last.ckpt holds, or None) at every training batch start."""
+
+    def __init__(self):
+        self.seen: list[tuple[int, int | None]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        path = trainer.checkpoint_callback.last_path
+        step = None
+        if path and os.path.exists(path):
+            step = int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+        self.seen.append((trainer.global_step, step))

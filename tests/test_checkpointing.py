@@ -224,3 +224,12 @@ def test_a_mistyped_training_monitor_is_lightnings_error_in_one_line(cifar_dir, 
     err = capsys.readouterr().err
     assert "glow: error: `ModelCheckpoint(monitor='train/bdp')` could not find the monitored key" in err
     assert "Traceback" not in err
+
+
+def test_a_mid_epoch_validation_writes_last_ckpt(cifar_dir, tmp_path):
+    """--trainer.val_check_interval 2 (epochs of 4 batches): last.ckpt follows the validation at step 2 before the
+    epoch ends, so a crash at step 3 loses nothing validated."""
+    cli = main(fit_args(cifar_dir, str(tmp_path / "run"), "--trainer.val_check_interval", "2", "--trainer.max_steps",
+                        "4", "--trainer.callbacks+", "tests.reliability_helpers.LastCkptProbe", *QUICK))  # fmt: skip
+    probe = next(c for c in cli.trainer.callbacks if type(c).__name__ == "LastCkptProbe")
+    assert dict(probe.seen)[2] == 2 and dict(probe.seen)[3] == 2  # written after the validation at step 2

@@ -182,6 +182,10 @@ class GlowCheckpoint(ModelCheckpoint):
             self._validated = True
         self._check_monitor(trainer)
         super().on_validation_end(trainer, pl_module)
+        # a validation at the end of an epoch (or at a mid-epoch stop by max_time / EarlyStopping) has its best
+        # file saved by on_train_epoch_end, which then writes last.ckpt with that file in its callback state
+        if not self._should_save_on_train_epoch_end(trainer):
+            self.write_last(trainer)
 
     def _check_monitor(self, trainer) -> None:
         """A monitor that validation does not log (``--checkpoint.monitor val/bdp``): one clear error at the sanity
@@ -195,10 +199,6 @@ class GlowCheckpoint(ModelCheckpoint):
         raise UnknownMonitorError(
             f"--checkpoint.monitor {self.monitor!r} is not a metric this run logs (validation logged: {logged})"
         )
-        # a validation at the end of an epoch (or at a mid-epoch stop by max_time / EarlyStopping) has its best
-        # file saved by on_train_epoch_end, which then writes last.ckpt with that file in its callback state
-        if not self._should_save_on_train_epoch_end(trainer):
-            self.write_last(trainer)
 
     @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
