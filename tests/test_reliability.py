@@ -332,6 +332,13 @@ def test_ckpt_path_best_without_one_is_one_line(cifar_dir, tmp_path, capsys):
     )
 
 
+def test_ckpt_path_best_of_a_missing_run_folder_says_so(cifar_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(_test_args(cifar_dir, str(tmp_path / "nowhere"), "--ckpt_path", "best"))
+    assert exc.value.code == 2
+    assert f"--ckpt_path best: there is no {tmp_path}/nowhere/checkpoints" in capsys.readouterr().err
+
+
 def test_last_but_no_checkpoint_names_the_runs_that_have_one(cifar_dir, tmp_path, capsys, monkeypatch):
     """``glow sample --ckpt_path last`` typed without the run's config: the error names the runs under ./runs
     that have a last.ckpt, newest first, and how to pick one."""

@@ -384,9 +384,14 @@ class GlowCLI(LightningCLI):
             ckpt_path = self.config[subcommand]["ckpt_path"] = find_best(dirpath)
             if ckpt_path is None:
                 monitor = self.config[subcommand].checkpoint.get("monitor") or "val/bpd"
+                fs, target = url_to_fs(dirpath)
+                what = (
+                    f"{dirpath} holds no best checkpoint (one is written at each validation that improves {monitor})"
+                    if fs.isdir(target)
+                    else f"there is no {dirpath}"
+                )
                 self._parser(subcommand).error(
-                    f"--ckpt_path best: {dirpath} holds no best checkpoint (one is written at each validation that "
-                    f"improves {monitor})"
+                    f"--ckpt_path best: {what}"
                     + ("; --ckpt_path last takes its newest state" if find_last(dirpath) else runs_here_hint())
                 )
         init_weights = self.config[subcommand].model.get("init_weights") if subcommand == "fit" else None
