@@ -95,6 +95,20 @@ class IndexRecorder(L.Callback):
         self.indices.append(batch["index"].tolist())
 
 
+class BatchRecorder(L.Callback):
+    """Record (epoch, batch index) of every training batch, and (description, count, total) of the progress bar."""
+
+    def __init__(self):
+        self.batches: list[tuple[int, int]] = []
+        self.bar: list[tuple[str, int, int | None]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append((trainer.current_epoch, batch_idx))
+        bar = getattr(trainer.progress_bar_callback, "train_progress_bar", None)
+        if bar is not None:
+            self.bar.append((bar.desc, bar.n, bar.total))
+
+
 class MarkerThenWait(L.Callback):
     """Fault injection for the signal tests: after optimizer step ``step``, print a marker and wait for a signal."""
 

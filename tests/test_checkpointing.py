@@ -76,6 +76,26 @@ def test_last_ckpt_holds_the_final_step_of_a_run_stopped_mid_epoch(cifar_dir, tm
         assert "current_model_state" not in last
 
 
+@pytest.mark.parametrize("stop", ["should_stop", "max_steps"])
+def test_a_run_stopped_mid_epoch_resumes_the_rest_of_that_epoch(cifar_dir, tmp_path, stop):
+    """max_time and EarlyStopping stop mid-epoch through ``trainer.should_stop``; Lightning then counts the epoch as
+    processed before on_train_epoch_end writes last.ckpt, and a resume skipped the rest of it (on MNIST, 1,104 of
+    1,718 batches after a one-minute run). Now it runs the batches that were left, as after a signal."""
+    run = str(tmp_path)
+    first = {"should_stop": ["--trainer.callbacks+", f"{HELPERS}.StopAtStep"],  # what max_time does
+             "max_steps": ["--trainer.max_steps", "6"]}[stop]  # fmt: skip
+    main(fit_args(cifar_dir, run, "--trainer.max_epochs", "3", *QUICK, *first))
+    assert checkpoints(run)["last.ckpt"] == 6  # 4 batches per epoch: stopped after batch 1 of epoch 1
+    more = ["--trainer.max_steps", "12"] if stop == "max_steps" else []
+    record = ["--trainer.callbacks+", f"{HELPERS}.BatchRecorder", "--trainer.enable_progress_bar", "true"]
+    cli = main(fit_args(cifar_dir, run, "--trainer.max_epochs", "3", *QUICK, *more, "--ckpt_path", "last", *record))
+    recorder = next(c for c in cli.trainer.callbacks if type(c).__name__ == "BatchRecorder")
+    assert recorder.batches == [(1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3)]
+    # the bar of the resumed epoch names it and counts on from its batches done (Lightning's: "Training: 3/?")
+    assert recorder.bar[0] == ("Epoch 1: ", 2, 4) and recorder.bar[2] == ("Epoch 2: ", 0, 4)
+    assert cli.trainer.global_step == 12 and checkpoints(run)["last.ckpt"] == 12
+
+
 def test_sigterm_to_the_process_group_saves_exits_143_and_resumes(cifar_dir, tmp_path):
     run = str(tmp_path / "run")
     args = fit_args(cifar_dir, run, *QUICK, "--data.init_args.num_workers", "1")

@@ -48,6 +48,16 @@ class GlowProgressBar(TQDMProgressBar):
         self._eval_drawn = float("-inf")  # ... of the last validation / test / predict bar redraw
 
     @override
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        if getattr(trainer.fit_loop, "restarted_mid_epoch", False):
+            # a resume in the middle of an epoch: Lightning skips on_train_epoch_start, so its bar said
+            # "Training: 601/?" (no epoch, no total); show the epoch and count on from the batches already done
+            self.on_train_epoch_start(trainer, pl_module)
+            bar = self.train_progress_bar
+            bar.initial = bar.n = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+
+    @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if logs_at(trainer, trainer.global_step - 1):  # the step just done logged them: read them now
             self._read(trainer)
