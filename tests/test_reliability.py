@@ -20,7 +20,7 @@ from glow_lightning.flow.checks import CheckpointFileError
 from glow_lightning.io import AtomicCheckpointIO, UnreadableCheckpointError, load_checkpoint_file
 from glow_lightning.module import GlowModule
 
-from .conftest import ROOT, fit_args
+from .conftest import ROOT, cli_args, fit_args
 from .reliability_helpers import LrRecorder, NanInput
 
 HELPERS = "tests.reliability_helpers"
@@ -337,6 +337,21 @@ def test_ckpt_path_best_of_a_missing_run_folder_says_so(cifar_dir, tmp_path, cap
         main(_test_args(cifar_dir, str(tmp_path / "nowhere"), "--ckpt_path", "best"))
     assert exc.value.code == 2
     assert f"--ckpt_path best: there is no {tmp_path}/nowhere/checkpoints" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("subcommand", ["test", "validate", "predict"])
+def test_evaluating_without_a_checkpoint_is_one_line_not_an_untrained_model(cifar_dir, tmp_path, capsys, subcommand):
+    """``glow test --config mnist.yaml --config cpu.yaml`` with the --ckpt_path forgotten evaluated the untrained
+    model and exited 0 (test/bpd 10.458 on MNIST)."""
+    with pytest.raises(SystemExit) as exc:
+        main(cli_args(subcommand, cifar_dir, str(tmp_path / "run")))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        f"glow {subcommand} needs --ckpt_path (a checkpoint file, or last / best of {tmp_path}/run/checkpoints)" in err
+    )
+    assert "untrained model" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # refused before a trainer was made
 
 
 def test_last_but_no_checkpoint_names_the_runs_that_have_one(cifar_dir, tmp_path, capsys, monkeypatch):

@@ -110,7 +110,20 @@ TRAINING_KEYS = frozenset(
      "max_consecutive_skips", "init_batch_size", "compile", "memory_saving", "iw_samples", "init_weights"}
 )  # fmt: skip
 RESUME_CHANGEABLE = TRAINING_KEYS - {"init_weights"}
-SPECIAL_CKPT_PATHS = ("best", "hpc", "registry")  # Lightning's own --ckpt_path values
+EVALUATING = ("validate", "test", "predict")  # Lightning's subcommands that evaluate a model
+SPECIAL_CKPT_PATHS = ("best", "hpc", "registry")
+_CKPT_NAMES = (
+    "a checkpoint file (a path or an fsspec URL such as s3://...), last (<default_root_dir>/checkpoints/last.ckpt, "
+    "the newest state) or best (that folder's best file by --checkpoint.monitor)"
+)
+CKPT_PATH_HELP = {
+    "fit": f"Resume a run from {_CKPT_NAMES}; with last and no checkpoint yet, a new run starts (set-and-forget for "
+    "preemptible jobs). A warm start from another run's weights: --model.init_weights.",
+    **{
+        name: f"Required: the checkpoint to evaluate, {_CKPT_NAMES}. The architecture comes from the checkpoint."
+        for name in EVALUATING
+    },
+}  # Lightning's own --ckpt_path values
 IMAGE_SUBCOMMANDS = ("sample", "reconstruct", "interpolate", "prepare", "manipulate", "fid")  # GlowTrainer methods
 NEEDS_NO_DATA = ("sample",)
 
@@ -331,12 +344,18 @@ class GlowCLI(LightningCLI):
     @override
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
         if subcommand not in NEEDS_NO_DATA:
-            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        datamodule_class, self.datamodule_class = self.datamodule_class, None  # LightningCLI: data not required
-        try:
-            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        finally:
-            self.datamodule_class = datamodule_class
+            parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        else:
+            datamodule_class, self.datamodule_class = self.datamodule_class, None  # LightningCLI: data not required
+            try:
+                parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+            finally:
+                self.datamodule_class = datamodule_class
+        if subcommand in CKPT_PATH_HELP:  # Lightning's text names "hpc" and "registry" and a same-process "best"
+            for action in parser._actions:
+                if action.dest == "ckpt_path":
+                    action.help = CKPT_PATH_HELP[subcommand]
+        return parser
 
     @override
     def init_parser(self, **kwargs) -> LightningArgumentParser:
@@ -346,10 +365,11 @@ class GlowCLI(LightningCLI):
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        linked = ", ".join(f"--model.{m} (--data.{d})" for d, m in LINKED_FROM_DATA.items())
         parser.add_argument(
             "--model.help", action=GroupHelp, key="model", cls=GlowModule, skip=set(LINKED_FROM_DATA.values()),
-            note=f"GlowModule's arguments. Linked from the datamodule, so set on the data side: {linked}.",
+            note="GlowModule's arguments. Linked from the datamodule, so set on the data side: in_channels and "
+            "image_size (the dataset's; --data.channels and --data.image_size where the datamodule takes them, e.g. "
+            "ImageFolderDataModule), n_bits (--data.n_bits), num_classes (--data.class_conditional true).",
         )  # fmt: skip
         parser.add_argument("--trainer.help", action=GroupHelp, key="trainer", cls=self.trainer_class)
         parser.add_lightning_class_args(GlowCheckpoint, "checkpoint")
@@ -371,6 +391,12 @@ class GlowCLI(LightningCLI):
         if not subcommand:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path and subcommand in EVALUATING:  # Lightning would evaluate the untrained weights, rc 0
+            self._parser(subcommand).error(
+                f"glow {subcommand} needs --ckpt_path (a checkpoint file, or last / best of "
+                f"{self.config[subcommand].checkpoint.dirpath or 'the run'}): without one it would "
+                f"{'write' if subcommand == 'predict' else 'report'} the figures of an untrained model"
+            )
         if ckpt_path == "last":
             dirpath = self.config[subcommand].checkpoint.dirpath
             ckpt_path = self.config[subcommand]["ckpt_path"] = find_last(dirpath)
