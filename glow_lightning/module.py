@@ -92,7 +92,8 @@ class GlowModule(L.LightningModule):
             ``min(warmup_steps, f x planned)``, so a short run is not spent warming up and a long one keeps
             ``warmup_steps``. The planned steps are resolved once, at the start of fit: from ``max_steps``, or
             ``max_epochs`` x the batches per epoch, or, with ``max_time``, from the step time measured over the first
-            2% of it (the run then ends at whichever limit comes first); ``glow fit`` prints the result, the
+            2% of it (the run then ends at whichever limit comes first; until then, with ``max_steps`` or
+            ``max_epochs`` also set, the plan follows them); ``glow fit`` prints the result, the
             checkpoint keeps it. A resume with other limits plans again and moves the lr from the checkpoint's
             plan to the new one over the new warmup's length.
         schedule: after the warmup, keep the learning rate ``constant`` or decay it to zero with a
@@ -185,6 +186,8 @@ class GlowModule(L.LightningModule):
         self._plan_timing: tuple[int, float | None] | None = None
         self._pace: list[tuple[int, float]] | None = None  # (step, time) marks a timed plan's re-plans time steps from
         self._resumed_factor: float | None = None  # a resume's lr factor under the checkpoint's plan, until re-planned
+        self._resumed_step = 0  # the checkpoint's global step (a max_time plan is made some steps later)
+        self._provisional_warmup: int | None = None  # while a max_time plan is timed: warmup_fraction of max_steps
 
     # ------------------------------------------------------------------ steps
     def _labels(self, batch: dict) -> torch.Tensor | None:
@@ -349,7 +352,7 @@ class GlowModule(L.LightningModule):
             warmup, total = self.lr_plan["warmup"], self.lr_plan["total"]
             anchor = self.lr_plan.get("anchor")
         else:
-            warmup, total = self.hparams.warmup_steps, None
+            warmup, total = self._provisional_warmup or self.hparams.warmup_steps, None
         factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
         if self.hparams.schedule == "cosine" and step >= warmup:
             if total is None:
@@ -436,9 +439,10 @@ class GlowModule(L.LightningModule):
             length = max(1, warmup)
             self.lr_plan["ramp"] = [step, before, length]
             self._resumed_factor = None
+            since = f" from step {step:,}" if step != self._resumed_step else ""  # a max_time plan: timed first
             say(
-                f"glow: lr schedule: resumed at step {step:,} with the checkpoint's plan at lr x{before:.3g}; "
-                f"it reaches the new plan over {length:,} steps"
+                f"glow: lr schedule: resumed at step {self._resumed_step:,} with the checkpoint's plan at lr "
+                f"x{before:.3g}; it reaches the new plan over {length:,} steps{since}"
             )
         self._apply_lr()
 
@@ -528,6 +532,7 @@ class GlowModule(L.LightningModule):
     def _start_lr_plan(self) -> None:
         """Resolve the warmup / schedule plan (or reuse the checkpoint's, made from the same settings)."""
         self.lr_plan, self._plan_timing, self._pace, self._resumed_factor = None, None, None, None
+        self._provisional_warmup = None
         if not self._needs_plan():
             return
         loaded, inputs = self._loaded_lr_plan, self._plan_inputs()
@@ -538,18 +543,27 @@ class GlowModule(L.LightningModule):
         if loaded is not None and self.trainer.global_step > 0:  # a resume with other limits or schedule settings
             self.lr_plan = dict(loaded) | {"inputs": None}
             self._resumed_factor = self.lr_factor(self.trainer.global_step)
+            self._resumed_step = self.trainer.global_step
             self.lr_plan.pop("every", None)  # the checkpoint's plan holds (while max_time times steps), not re-planned
         by_count = self.trainer.estimated_stepping_batches
         if self._timer() is not None:
             # resolved after timing the first steps (on_train_batch_end), from PLAN_SKIP steps after this fit's first
             self._plan_timing = (self.trainer.global_step + self.PLAN_SKIP, None)
-            if self.hparams.warmup_fraction is not None:
+            fraction = self.hparams.warmup_fraction
+            if fraction is not None and math.isfinite(by_count):  # max_steps may end the run first: warm up for it
+                self._provisional_warmup = min(self.hparams.warmup_steps, max(1, round(fraction * by_count)))
+            if fraction is not None:
                 say(
                     f"glow: lr schedule: resolved from the step time over the first {self.PLAN_SHARE:.0%} of max_time "
                     + (
                         "(the checkpoint's plan until then)"
                         if self._resumed_factor is not None
-                        else f"(warmup {self.hparams.warmup_steps:,} steps until then)"
+                        else f"(until then: warmup {self._provisional_warmup or self.hparams.warmup_steps:,} steps"
+                        + (
+                            f", then cosine decay to 0 at step {int(by_count):,}, by max_steps / max_epochs)"
+                            if self.hparams.schedule == "cosine" and math.isfinite(by_count)
+                            else ")"
+                        )
                     )
                 )
         else:

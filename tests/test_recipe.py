@@ -163,6 +163,21 @@ def test_a_max_time_plan_comes_from_the_timed_steps(tmp_path, cifar_dir, monkeyp
     assert 3 < module.lr_plan["total"] <= 8 and module.lr_plan["warmup"] == round(0.5 * module.lr_plan["total"])
 
 
+def test_a_max_steps_run_inside_a_long_max_time_warms_up_for_its_steps(tmp_path, cifar_dir, capsys):
+    """``--trainer.max_steps 8`` with a config's max_time (cpu.yaml): the run ends long before the max_time plan is
+    timed (2% of an hour), so until then warmup_fraction and the cosine follow max_steps. Before, the steps ran in the
+    provisional warmup of warmup_steps (1,000 here: the lr never passed 1% of its peak)."""
+    args = ["--model.warmup_steps", "1000", "--model.warmup_fraction", "0.25", "--model.schedule", "cosine",
+            "--trainer.max_epochs", "-1", "--trainer.max_time", "00:01:00:00", "--trainer.max_steps", "8"]  # fmt: skip
+    cli = main(fit_args(cifar_dir, str(tmp_path), *args, *QUICK, *RECORD))
+    out = capsys.readouterr().out
+    assert "(until then: warmup 2 steps, then cosine decay to 0 at step 8, by max_steps / max_epochs)" in out
+    lr = cli.model.hparams.lr
+    expected = [lr / 2, lr] + [lr * 0.5 * (1 + math.cos(math.pi * (s - 2) / 6)) for s in range(2, 8)]
+    assert [v for _, v in recorded(cli)] == pytest.approx(expected, rel=1e-9)
+    assert cli.model.lr_plan is None  # never timed: the provisional plan was the run's
+
+
 class FakeTimer:
     """What GlowModule reads of Lightning's Timer, on an injected clock: a 40 s limit."""
 
@@ -246,7 +261,10 @@ def test_a_resume_with_a_later_max_time_goes_on_from_the_checkpoints_lr(tmp_path
     resumed = main(fit_args(cifar_dir, run, *args, "--trainer.max_steps", "40", "--ckpt_path", "last"))
     out = capsys.readouterr().out
     assert "(the checkpoint's plan until then)" in out and "cosine decay to 0 at step 40" in out
-    assert "resumed at step 23 with the checkpoint's plan at lr x0; it reaches the new plan over 4 steps" in out
+    assert (
+        "resumed at step 20 with the checkpoint's plan at lr x0; it reaches the new plan over 4 steps from step 23"
+        in out
+    )
     lrs = [lr for _, lr in recorded(resumed)]
     peak = resumed.model.hparams.lr
     assert len(lrs) == 20 and lrs[0] < 0.01 * peak  # goes on from the finished plan
