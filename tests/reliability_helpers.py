@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import time
 
 import lightning as L
@@ -48,6 +49,21 @@ class StopAtStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             trainer.should_stop = True
+
+
+class InterruptAtStep(L.Callback):
+    """Ctrl-C (a real SIGINT) at optimizer step ``step``, in the middle of an epoch: the fit stops after that step and
+    writes last.ckpt on the exception it raises. Keeps the trainer for the test to read."""
+
+    last_trainer = None
+
+    def __init__(self, step: int = 6):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        InterruptAtStep.last_trainer = trainer
+        if trainer.global_step == self.step:
+            signal.raise_signal(signal.SIGINT)
 
 
 class NanInput(L.Callback):

@@ -21,7 +21,7 @@ from glow_lightning.io import AtomicCheckpointIO, UnreadableCheckpointError, loa
 from glow_lightning.module import GlowModule
 
 from .conftest import ROOT, cli_args, fit_args
-from .reliability_helpers import LrRecorder, NanInput
+from .reliability_helpers import IndexRecorder, InterruptAtStep, LrRecorder, NanInput
 
 HELPERS = "tests.reliability_helpers"
 
@@ -40,19 +40,43 @@ def temporaries(fs, directory: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- exact resume
 @pytest.mark.slow
-def test_resume_from_an_epoch_boundary_is_exact_also_from_an_fsspec_url(cifar_dir, tmp_path):
-    """8 steps straight == 4 steps, resume from memory://.../last.ckpt, 4 steps: weights, Adam state, lr."""
+@pytest.mark.parametrize(
+    ("stop", "workers"),
+    [("epoch_end", "0"), ("mid_epoch", "0"), ("mid_epoch", "2"), ("interrupt", "0")],
+    ids=["epoch-boundary", "mid-epoch", "mid-epoch-workers", "ctrl-c-mid-epoch"],
+)
+def test_resume_is_exact_also_from_an_fsspec_url(cifar_dir, tmp_path, stop, workers):
+    """8 steps straight == stopped, resumed from memory://.../last.ckpt, the rest: images, weights, Adam state, lr.
+
+    Stopped at an epoch's end (4 batches an epoch), in the middle of one (step 6: as max_time / EarlyStopping
+    stop, and by Ctrl-C, whose checkpoint is written on the exception). In the middle of an epoch the resume used to
+    run that epoch's first images again, and with DataLoader workers its first epoch in epoch 0's order."""
     common = ["--model.warmup_steps", "6", "--model.schedule", "cosine", "--trainer.num_sanity_val_steps", "0",
-              "--trainer.callbacks+", f"{HELPERS}.LrRecorder"]  # fmt: skip
+              "--trainer.callbacks+", f"{HELPERS}.LrRecorder", "--trainer.callbacks+", f"{HELPERS}.IndexRecorder",
+              "--data.num_workers", workers]  # fmt: skip
     straight = main(fit_args(cifar_dir, str(tmp_path / "straight"), *common))
-    remote = "memory://resume-test/run"
-    first = main(fit_args(cifar_dir, remote, *common, "--trainer.callbacks+", f"{HELPERS}.StopAfterEpoch"))
-    assert first.trainer.global_step == 4
+    remote = f"memory://resume-test-{stop}-{workers}/run"
+    stopper = {"epoch_end": "StopAfterEpoch", "mid_epoch": "StopAtStep", "interrupt": "InterruptAtStep"}[stop]
+    first_args = fit_args(cifar_dir, remote, *common, "--trainer.callbacks+", f"{HELPERS}.{stopper}")
+    if stop == "interrupt":
+        with pytest.raises(SystemExit) as exc:
+            main(first_args)
+        assert exc.value.code == 130
+        first = InterruptAtStep.last_trainer
+    else:
+        first = main(first_args).trainer
+    stopped_at = 4 if stop == "epoch_end" else 6
+    assert first.global_step == stopped_at
     resumed = main(fit_args(cifar_dir, remote, *common, "--ckpt_path", "last"))
     assert resumed.trainer.ckpt_path == remote + "/checkpoints/last.ckpt"
-    assert callback(resumed, LrRecorder).start_step == 4 and resumed.trainer.global_step == 8
+    assert callback(resumed, LrRecorder).start_step == stopped_at and resumed.trainer.global_step == 8
 
-    lrs = callback(first, LrRecorder).lrs + callback(resumed, LrRecorder).lrs
+    def recorded(trainer, cls):
+        return next(c for c in trainer.callbacks if isinstance(c, cls))
+
+    images = recorded(first, IndexRecorder).indices + callback(resumed, IndexRecorder).indices
+    assert images == callback(straight, IndexRecorder).indices  # the same images in the same order
+    lrs = recorded(first, LrRecorder).lrs + callback(resumed, LrRecorder).lrs
     assert lrs == callback(straight, LrRecorder).lrs  # identical, step by step (warmup spans the resume)
     assert [s for s, _ in lrs] == list(range(8))
     a = load_checkpoint_file(str(tmp_path / "straight" / "checkpoints" / "last.ckpt"))

@@ -173,19 +173,22 @@ class EpochRandomSampler(RandomSampler):
     """A RandomSampler whose order is a function of (seed, epoch): exact on resume.
 
     Lightning calls ``set_epoch`` every epoch; under DDP it swaps this for a DistributedSampler,
-    which is seeded by epoch as well.
+    which is seeded by epoch as well. ``start``: images of the epoch's order to skip, once (a resume in the middle
+    of an epoch goes on with the images that epoch had not reached; ``len`` stays the whole epoch's, as Lightning
+    counts the batches already done).
     """
 
-    def __init__(self, data_source, seed: int = 0):
+    def __init__(self, data_source, seed: int = 0, epoch: int = 0, start: int = 0):
         super().__init__(data_source)
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.start = seed, epoch, start
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(len(self.data_source), generator=g).tolist())
+        start, self.start = self.start, 0
+        return iter(torch.randperm(len(self.data_source), generator=g)[start:].tolist())
 
 
 class GlowDataModule(L.LightningDataModule):
@@ -310,7 +313,7 @@ class GlowDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self.splits[split]
         if train:
-            sampler = EpochRandomSampler(dataset, self.seed)  # Lightning shards it over DDP ranks
+            sampler = EpochRandomSampler(dataset, self.seed, *self._resume_position())  # DDP: Lightning's own
         elif self._rank_and_world_size()[1] > 1:
             # Evaluation under DDP: every image exactly once over all ranks (Lightning's DistributedSampler
             # would pad uneven sets with repeats and bias val/test bits/dim); ranks may differ by one image.
@@ -380,6 +383,22 @@ class GlowDataModule(L.LightningDataModule):
         """Evaluation noise draw ``draw`` of these bins: draw 0 is the ``x`` of an evaluation batch; draws 1, 2, ...
         are further independent ones (importance-weighted bounds), each a function of (seed, draw, index)."""
         return self.dequantize(bins, index, EVAL_STREAM + draw)
+
+    def _resume_position(self) -> tuple[int, int]:
+        """(epoch, images of it already trained on) where the attached trainer's fit goes on; (0, 0) outside one.
+
+        The epoch is what Lightning passes to ``set_epoch``, but it does so only after DataLoader workers have
+        drawn their first indices: a resume with workers ran its first epoch in epoch 0's order. The images done
+        are those of the batches a checkpoint from the middle of an epoch had trained on (Lightning's mid-epoch
+        restart runs the rest of the epoch's batches: without them skipped, the epoch's first images again)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        loop = trainer.fit_loop
+        epochs = loop.epoch_progress.current
+        mid_epoch = epochs.started > epochs.processed
+        done = loop.epoch_loop.batch_progress.current.processed if mid_epoch else 0
+        return epochs.processed, done * self.batch_size
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         """The attached trainer's global rank and world size; (0, 1) outside a trainer."""
