@@ -193,6 +193,29 @@ def test_reconstruct_writes_targets_beside_identical_reconstructions(tiny_checkp
         assert np.array_equal(tile(grid, row, 2 * col + 1), targets[i])
 
 
+def test_reconstruct_with_only_a_checkpoint_reads_the_runs_own_config(tiny_checkpoint, cifar_dir, tmp_path, capsys):
+    """``glow reconstruct --ckpt_path X`` alone: the data comes from the run's saved config.yaml (it was "the
+    following arguments are required: reconstruct.data"), the same images as with the configs given."""
+    out = str(tmp_path / "recon.png")
+    main(["reconstruct", "--ckpt_path", tiny_checkpoint, "--num_images", "4", "--pairs_per_row", "2",
+          "--output", out])  # fmt: skip
+    captured = capsys.readouterr()
+    assert "glow reconstruct: data and settings from the run's config " in captured.err
+    assert "lightning_logs/version_0/config.yaml" in captured.err and f"to {out}" in captured.out
+    grid = unpadded(body(png(out)), 4 * TILE + 2)
+    targets = val_pixels(cifar_dir, 4)
+    assert np.array_equal(tile(grid, 1, 2), targets[3])
+
+
+def test_reading_images_without_a_config_or_a_run_config_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["reconstruct", "--ckpt_path", str(tmp_path / "elsewhere.ckpt")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "glow reconstruct reads images: pass --config (the run's <run>/lightning_logs/version_N/config.yaml" in err
+    assert "(see: glow reconstruct --help)" in err
+
+
 def test_interpolate_rows_run_from_one_image_to_the_other(tiny_checkpoint, cifar_dir, tmp_path, capsys):
     out = str(tmp_path / "interp.png")
     main(["interpolate", *data_args(cifar_dir, str(tmp_path)), "--ckpt_path", tiny_checkpoint,

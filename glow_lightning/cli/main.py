@@ -266,6 +266,13 @@ class GlowArgumentParser(LightningArgumentParser):
         missing = re.fullmatch(r"argument (--\S+): expected one argument", message)
         if missing:  # argparse takes a value like -1e-3 for an option
             message += f" (a value that starts with '-' is written {missing.group(1)}=VALUE)"
+        no_data = re.search(r"arguments are required: (\w+)\.data\b", message)
+        if no_data:  # e.g. `glow reconstruct --ckpt_path X` of a run whose config.yaml is not found
+            subcommand = no_data.group(1)
+            message = (
+                f"glow {subcommand} reads images: pass --config (the run's <run>/lightning_logs/version_N/config.yaml, "
+                "or the configs it was trained with, e.g. mnist.yaml) or --data"
+            )
         sys.stderr.write(f"glow: error: {condense(message)} (see: glow {subcommand} --help)\n".replace("  ", " "))
         raise SystemExit(2)
 
@@ -597,6 +604,29 @@ def resolve_configs(args: list[str]) -> list[str]:
     return out
 
 
+def config_of_checkpoint(args: list[str]) -> list[str]:
+    """``glow reconstruct --ckpt_path runs/x/checkpoints/last.ckpt`` with neither ``--config`` nor ``--data``: the
+    subcommands that read images take the data (and the rest) from the run's own ``config.yaml``, as ``glow sample``
+    takes the architecture from the checkpoint; one line says so. Unchanged when the run has no saved config."""
+    subcommand = args[0] if args else ""
+    if subcommand not in (*EVALUATING, *IMAGE_SUBCOMMANDS) or subcommand in NEEDS_NO_DATA:
+        return args
+    if any(a in ("--config", "-c") or a.startswith(("--config=", "--data")) or a in ("-h", "--help") for a in args):
+        return args
+    ckpt = next((b for a, b in zip(args, args[1:]) if a == "--ckpt_path"), None)
+    ckpt = ckpt or next((a.split("=", 1)[1] for a in args if a.startswith("--ckpt_path=")), None)
+    if not ckpt or ckpt in ("last", "best") or not os.path.isfile(ckpt):
+        return args
+    try:
+        config = run_config_of(ckpt)
+    except (OSError, UnreadableCheckpointError):
+        return args  # the checkpoint's own error comes later, from the parser
+    if config is None:
+        return args
+    print(f"glow {subcommand}: data and settings from the run's config {config}", file=sys.stderr)
+    return [subcommand, "--config", config, *args[1:]]
+
+
 def list_configs() -> None:
     """``glow configs``: the packaged configs, one line each."""
     print(f"packaged configs (glow fit --config NAME.yaml; files in {CONFIGS_DIR}):")
@@ -629,10 +659,10 @@ def _quiet_adverts() -> None:
 def main(args: list[str] | None = None) -> GlowCLI | None:
     """Entry point of the ``glow`` console script; ``args`` replaces ``sys.argv[1:]`` (tests)."""
     if args is None:  # the console script: resolve in sys.argv (LightningCLI warns when given both)
-        sys.argv[1:] = resolve_configs(sys.argv[1:])
+        sys.argv[1:] = config_of_checkpoint(resolve_configs(sys.argv[1:]))
         command = sys.argv[1:2]
     else:
-        args = resolve_configs(list(args))
+        args = config_of_checkpoint(resolve_configs(list(args)))
         command = args[:1]
     if command == ["configs"]:
         list_configs()

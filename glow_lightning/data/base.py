@@ -19,6 +19,7 @@ import hashlib
 import math
 import os
 import signal
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -169,6 +170,9 @@ def collate(batch: list) -> dict:
     return batch.batch if isinstance(batch, BatchedItems) else default_collate(batch)
 
 
+NOT_RESUMABLE = "You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not"
+
+
 class EpochRandomSampler(RandomSampler):
     """A RandomSampler whose order is a function of (seed, epoch): exact on resume.
 
@@ -314,6 +318,8 @@ class GlowDataModule(L.LightningDataModule):
         dataset = self.splits[split]
         if train:
             sampler = EpochRandomSampler(dataset, self.seed, *self._resume_position())  # DDP: Lightning's own
+            if self._rank_and_world_size()[1] == 1:  # this sampler resumes mid-epoch: Lightning's warning is not true
+                warnings.filterwarnings("ignore", message=NOT_RESUMABLE)
         elif self._rank_and_world_size()[1] > 1:
             # Evaluation under DDP: every image exactly once over all ranks (Lightning's DistributedSampler
             # would pad uneven sets with repeats and bias val/test bits/dim); ranks may differ by one image.
