@@ -267,6 +267,10 @@ def test_glow_configs_lists_every_packaged_config(capsys):
     out = capsys.readouterr().out
     names = sorted(f for f in os.listdir(CONFIGS_DIR) if f.endswith(".yaml"))
     assert "cifar.yaml" in names and all(f"  {name}" in out for name in names)
+    # each a sentence or cut at a word with "..." (the first comment line alone ended mid-sentence, "...appendix):")
+    lines = {line.split()[0]: line.split(None, 1)[1] for line in out.splitlines()[1:]}
+    assert lines["mnist.yaml"].endswith("width 512, n_bits 8.") and lines["cifar.yaml"].endswith("...")
+    assert all(len(text) <= 100 and text.endswith((".", "...", ")")) for text in lines.values())
 
 
 @pytest.mark.slow

@@ -566,14 +566,26 @@ class GlowCLI(LightningCLI):
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def packaged_configs() -> dict[str, str]:
-    """The configs shipped inside the package: ``{"cifar.yaml": "<its first comment line>", ...}``."""
+def packaged_configs(width: int = 100) -> dict[str, str]:
+    """The configs shipped inside the package: ``{"cifar.yaml": "<the first sentence of its comment>", ...}``, at most
+    ``width`` characters (cut at a word, with "...")."""
     out = {}
     for name in sorted(os.listdir(CONFIGS_DIR)):
-        if name.endswith(".yaml"):
-            with open(os.path.join(CONFIGS_DIR, name)) as f:
-                first = f.readline().strip().lstrip("# ")
-            out[name] = first
+        if not name.endswith(".yaml"):
+            continue
+        words = []
+        with open(os.path.join(CONFIGS_DIR, name)) as f:
+            for line in f:
+                if not line.startswith("#") or line.startswith("#  "):  # the settings, or an example command
+                    break
+                words += line[1:].split()
+        text = " ".join(words)
+        end = re.search(r"(?<!\.)\.(\s|$)", text)  # the first sentence ("PNG / JPEG / ... files" goes on)
+        text = text[: end.start() + 1] if end else text
+        text = text.rstrip(":")
+        if len(text) > width:
+            text = text[: text.rfind(" ", 0, width - 3)].rstrip(",;:(") + "..."
+        out[name] = text
     return out
 
 
