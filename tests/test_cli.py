@@ -70,7 +70,9 @@ def test_model_help_shows_the_model_group_only(capsys):
     out = capsys.readouterr().out
     assert "--model.levels" in out and "--model.warmup_steps" in out
     assert "--trainer." not in out and "--data.batch_size" not in out
-    assert "--model.n_bits (--data.n_bits)" in out  # the linked ones: where to set them
+    text = " ".join(out.split())  # the linked ones: where to set them, by the data-side keys that exist
+    assert "n_bits (--data.n_bits)" in text and "num_classes (--data.class_conditional true)" in text
+    assert "--data.num_classes" not in text and "--data.num_channels" not in text
 
 
 def test_version(capsys):

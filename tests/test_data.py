@@ -150,3 +150,33 @@ def test_a_prepared_batch_keeps_its_values(cifar_dir):
     noise = uniform_from_keys(item_keys(dm.seed, 2, batch["index"]), (3, 8, 8))
     assert torch.equal(out["x"], bins.float() / 2**5 + noise / 2**5)
     assert torch.equal(out["label"], batch["label"]) and torch.equal(out["index"], batch["index"])
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_the_training_sampler_goes_on_where_a_resumed_epoch_stopped(cifar_dir, monkeypatch, world_size):
+    """The training loader's sampler is the datamodule's own (one device, and under DDP a DistributedSampler, which
+    Lightning keeps): created in the resumed epoch's order (Lightning sets the epoch only after workers drew indices)
+    and skipping, once, the images of the batches the checkpoint had done."""
+    from glow_lightning.data.base import EpochDistributedSampler, EpochRandomSampler
+
+    def indices(epoch: int, start_batches: int, rank: int) -> list[list[int]]:
+        dm = CIFAR10DataModule(data_dir=cifar_dir, download=False, val_size=8, batch_size=4, num_workers=0)
+        dm.setup("fit")
+        monkeypatch.setattr(dm, "_rank_and_world_size", lambda: (rank, world_size))
+        monkeypatch.setattr(dm, "_resume_position", lambda: (epoch, start_batches * 4))
+        loader = dm.train_dataloader()
+        assert isinstance(loader.sampler, EpochDistributedSampler if world_size > 1 else EpochRandomSampler)
+        first = [batch["index"].tolist() for batch in loader]
+        assert len(loader) * 4 * world_size == 32  # the whole epoch's length, as Lightning counts the batches done
+        loader.sampler.set_epoch(epoch + 1)
+        return first, [batch["index"].tolist() for batch in loader]
+
+    for rank in range(world_size):
+        whole, after = indices(epoch=1, start_batches=0, rank=rank)
+        rest, after_rest = indices(epoch=1, start_batches=2, rank=rank)
+        assert rest == whole[2:] and after_rest == after  # the rest of the epoch, then whole epochs again
+        assert whole != indices(epoch=0, start_batches=0, rank=rank)[0]  # the epoch's own order
+    if world_size > 1:  # the ranks share out the epoch: each of the 32 training images once
+        shares = [indices(epoch=1, start_batches=0, rank=r)[0] for r in range(world_size)]
+        images = [i for share in shares for batch in share for i in batch]
+        assert len(images) == len(set(images)) == 32

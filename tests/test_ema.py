@@ -194,3 +194,17 @@ def test_warm_start_from_an_ema_checkpoint_takes_its_averaged_weights(ema_run, c
     assert any(not torch.equal(averaged[k], raw[k]) for k in averaged)
     assert all(torch.equal(start.state[k], v) for k, v in ckpt["state_dict"].items())
     assert trainer.global_step == 1
+
+
+def test_the_ema_callback_pickles_for_ddp_spawn():
+    """``--trainer.strategy ddp_spawn`` pickles the callbacks: Lightning's EMA averaging function (torch's
+    get_ema_avg_fn, a closure) failed with "Can't pickle local object ... ema_update" before training."""
+    import pickle
+
+    from torch.optim.swa_utils import get_ema_avg_fn
+
+    ema = pickle.loads(pickle.dumps(GlowEMA(decay=0.9)))
+    average, current = torch.randn(5), torch.randn(5)
+    update = ema._kwargs["avg_fn"](average, current, torch.tensor(3))
+    torch.testing.assert_close(update, get_ema_avg_fn(0.9)(average, current, torch.tensor(3)), rtol=0, atol=0)
+    pickle.dumps(GlowEMA())  # EMA off: the callback is still in every glow fit's trainer

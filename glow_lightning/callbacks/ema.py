@@ -28,12 +28,19 @@ The 1x1 convolution's eval cache compares weights by value, so swaps through ``.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from typing_extensions import override
+
+
+@torch.no_grad()
+def ema_update(ema_param: torch.Tensor, current_param: torch.Tensor, num_averaged: Any, decay: float) -> torch.Tensor:
+    """torch's EMA update (``swa_utils.get_ema_avg_fn``), as a module-level function that pickles."""
+    return decay * ema_param + (1 - decay) * current_param
 
 
 class GlowEMA(EMAWeightAveraging):
@@ -65,6 +72,9 @@ class GlowEMA(EMAWeightAveraging):
             update_every_n_steps=update_every_n_steps,
             update_starting_at_step=update_starting_at_step,
         )
+        # Lightning's averaging function is torch's get_ema_avg_fn, a closure: the callback could not be pickled,
+        # so `--trainer.strategy ddp_spawn` failed before training ("Can't pickle local object ... ema_update")
+        self._kwargs["avg_fn"] = functools.partial(ema_update, decay=0.0 if decay is None else decay)
         self.decay = decay
         self.swapped = False  # True while the module holds the EMA weights and the average the raw ones
 

@@ -16,6 +16,7 @@ noise-free integer bins, for code that draws its own noise), ``label`` and ``ind
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import signal
@@ -27,7 +28,7 @@ import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 from typing_extensions import override
 
@@ -176,8 +177,8 @@ NOT_RESUMABLE = "You're resuming from a checkpoint that ended before the epoch e
 class EpochRandomSampler(RandomSampler):
     """A RandomSampler whose order is a function of (seed, epoch): exact on resume.
 
-    Lightning calls ``set_epoch`` every epoch; under DDP it swaps this for a DistributedSampler,
-    which is seeded by epoch as well. ``start``: images of the epoch's order to skip, once (a resume in the middle
+    Lightning calls ``set_epoch`` every epoch; under DDP the datamodule uses :class:`EpochDistributedSampler`
+    instead. ``start``: images of the epoch's order to skip, once (a resume in the middle
     of an epoch goes on with the images that epoch had not reached; ``len`` stays the whole epoch's, as Lightning
     counts the batches already done).
     """
@@ -193,6 +194,21 @@ class EpochRandomSampler(RandomSampler):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         start, self.start = self.start, 0
         return iter(torch.randperm(len(self.data_source), generator=g)[start:].tolist())
+
+
+class EpochDistributedSampler(DistributedSampler):
+    """DDP: this rank's share of an order that is a function of (seed, epoch), as Lightning's DistributedSampler,
+    but made by the datamodule, so that it knows where a resumed fit goes on: the epoch, at creation (Lightning sets
+    it only after DataLoader workers have drawn their first indices), and ``start``, images of this rank's share to
+    skip, once (a resume in the middle of an epoch). Lightning keeps a DistributedSampler it is given."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int = 0, epoch: int = 0, start: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        start, self.start = self.start, 0
+        return itertools.islice(super().__iter__(), start, None)
 
 
 class GlowDataModule(L.LightningDataModule):
@@ -317,9 +333,12 @@ class GlowDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self.splits[split]
         if train:
-            sampler = EpochRandomSampler(dataset, self.seed, *self._resume_position())  # DDP: Lightning's own
-            if self._rank_and_world_size()[1] == 1:  # this sampler resumes mid-epoch: Lightning's warning is not true
-                warnings.filterwarnings("ignore", message=NOT_RESUMABLE)
+            rank, world_size = self._rank_and_world_size()
+            if world_size > 1:
+                sampler = EpochDistributedSampler(dataset, world_size, rank, self.seed, *self._resume_position())
+            else:
+                sampler = EpochRandomSampler(dataset, self.seed, *self._resume_position())
+            warnings.filterwarnings("ignore", message=NOT_RESUMABLE)  # these samplers resume mid-epoch: not true
         elif self._rank_and_world_size()[1] > 1:
             # Evaluation under DDP: every image exactly once over all ranks (Lightning's DistributedSampler
             # would pad uneven sets with repeats and bias val/test bits/dim); ranks may differ by one image.
