@@ -13,6 +13,7 @@ Private library API used here (check on upgrades): ``torch.utils._foreach_utils.
 
 from __future__ import annotations
 
+import datetime
 import math
 import time
 from typing import Any, Literal
@@ -328,6 +329,13 @@ class GlowModule(L.LightningModule):
     def on_fit_start(self) -> None:
         """The warm start (``init_weights``), then ActNorm's data-dependent init: once, on training data, identical
         on every rank; neither on resume. Weights from a warm start count as initialised."""
+        timer = self._timer() if self.trainer.ckpt_path is not None else None
+        if timer is not None and timer.time_remaining("train") <= 0:  # Lightning says "Time limit reached" only
+            limit = round(timer.time_elapsed("train") + timer.time_remaining("train"))
+            say(
+                f"glow: this run has had its --trainer.max_time ({datetime.timedelta(seconds=limit)}) already: "
+                "resume with a later --trainer.max_time to train on"
+            )
         if self.hparams.init_weights and self.trainer.ckpt_path is None and not self._initial_weights_loaded:
             self.load_initial_weights(self.hparams.init_weights)
         if self.flow.is_initialized:

@@ -277,3 +277,20 @@ def test_a_resume_with_a_later_max_time_goes_on_from_the_checkpoints_lr(tmp_path
 def test_warmup_fraction_must_be_a_fraction():
     with pytest.raises(ValueError, match="warmup_fraction must be between 0 and 1"):
         GlowModule(warmup_fraction=1.5)
+
+
+def test_resuming_a_run_that_had_its_max_time_says_how_to_train_on(
+    tmp_path, cifar_dir, tiny_checkpoint, monkeypatch, capsys
+):
+    """The README's "resume with a later limit", typed with the same limit: Lightning stops at once with "Time limit
+    reached" only; one line says what to do."""
+    import shutil
+
+    os.makedirs(tmp_path / "checkpoints")
+    shutil.copy(tiny_checkpoint, tmp_path / "checkpoints" / "last.ckpt")
+    monkeypatch.setattr(GlowModule, "_timer", lambda self: FakeTimer({"t": 600.0}, 600.0))  # the limit reached
+    main(fit_args(cifar_dir, str(tmp_path), *QUICK, "--ckpt_path", "last"))
+    out = capsys.readouterr().out
+    assert (
+        "glow: this run has had its --trainer.max_time (0:10:00) already: resume with a later --trainer.max_time" in out
+    )
