@@ -199,3 +199,22 @@ def test_glow_prepare_converts_a_config_s_dataset_and_says_where(converted, tmp_
     streamed = StreamingDataModule(input_dir=out, **FAST)
     streamed.setup("fit")
     assert len(streamed.splits["train"]) == 32
+
+
+def test_glow_fit_stopped_mid_epoch_resumes_the_rest_of_that_epoch_from_the_stream(converted, tmp_path):
+    """A stop in the middle of epoch 1 (as max_time stops, after 6 of 8 steps): the resume runs the 2 batches that
+    were left, from litdata's loader state: epoch 1 sees each of the 32 training images once."""
+    _, out = converted
+    args = ["fit", "--config", config("imagenet32.yaml"), "--config", config("debug.yaml"), "--config",
+            config("streaming.yaml"), "--data.input_dir", out, "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "2", "--trainer.num_sanity_val_steps",
+            "0", "--trainer.callbacks+", "tests.reliability_helpers.IndexRecorder"]  # fmt: skip
+    first = main([*args, "--trainer.callbacks+", "tests.reliability_helpers.StopAtStep"])
+    resumed = main([*args, "--ckpt_path", "last"])
+    assert first.trainer.global_step == 6 and resumed.trainer.global_step == 8
+
+    def recorded(cli):
+        return next(c for c in cli.trainer.callbacks if type(c).__name__ == "IndexRecorder").indices
+
+    epoch1 = [i for batch in recorded(first)[4:] + recorded(resumed) for i in batch]
+    assert len(epoch1) == len(set(epoch1)) == 32
