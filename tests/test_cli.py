@@ -331,3 +331,13 @@ def test_library_internal_deprecations_are_dropped_and_other_warnings_kept(tiny_
     )
     warnings.warn("some other future change", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in recwarn] == ["some other future change"]
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test"])
+def test_ckpt_path_and_seed_help_are_glows(capsys, subcommand):
+    """Lightning's texts named "hpc" / "registry" and a "best" of the same process, and did not say what is seeded."""
+    with pytest.raises(SystemExit):
+        run_cli([subcommand, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("Resume a run from" if subcommand == "fit" else "Required: the checkpoint to evaluate") in text
+    assert '``"registry"``' not in text and "The data's order, noise and flips follow --data.seed" in text

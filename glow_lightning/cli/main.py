@@ -358,10 +358,14 @@ class GlowCLI(LightningCLI):
                 parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
             finally:
                 self.datamodule_class = datamodule_class
-        if subcommand in CKPT_PATH_HELP:  # Lightning's text names "hpc" and "registry" and a same-process "best"
-            for action in parser._actions:
-                if action.dest == "ckpt_path":
-                    action.help = CKPT_PATH_HELP[subcommand]
+        for action in parser._actions:
+            if action.dest == "ckpt_path" and subcommand in CKPT_PATH_HELP:  # Lightning's: "hpc", "registry", ...
+                action.help = CKPT_PATH_HELP[subcommand]
+            elif action.dest == "seed_everything":  # Lightning's text did not say what it seeds, nor the configs' 0
+                action.help = (
+                    "Seed of torch, numpy and Python's random (model init, sampling); an int, or true for a random "
+                    "one (logged). The packaged configs set 0. The data's order, noise and flips follow --data.seed."
+                )
         return parser
 
     @override
