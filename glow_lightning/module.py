@@ -411,6 +411,14 @@ class GlowModule(L.LightningModule):
             (c for c in self.trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None), None
         )
 
+    def _warmup_for(self, total: int | None) -> int:
+        """``warmup_steps``, or ``warmup_fraction`` of ``total`` planned steps where that is shorter: a short run warms
+        up for its share, a long one for warmup_steps."""
+        fraction = self.hparams.warmup_fraction
+        if fraction is None or total is None:
+            return self.hparams.warmup_steps
+        return min(self.hparams.warmup_steps, max(1, round(fraction * total)))
+
     def _needs_plan(self) -> bool:
         return self.hparams.warmup_fraction is not None or self.hparams.schedule == "cosine"
 
@@ -426,9 +434,7 @@ class GlowModule(L.LightningModule):
                 "warmup_fraction needs a planned run length: set --trainer.max_steps, --trainer.max_epochs or "
                 "--trainer.max_time"
             )
-        warmup = self.hparams.warmup_steps
-        if fraction is not None:  # a short run warms up for its share; a long one for warmup_steps
-            warmup = min(warmup, max(1, round(fraction * total)))
+        warmup = self._warmup_for(total)
         before = self._resumed_factor
         self.lr_plan = {"warmup": warmup, "total": total, "source": source, "inputs": self._plan_inputs()}
         if timed and total is not None:
@@ -557,22 +563,18 @@ class GlowModule(L.LightningModule):
         if self._timer() is not None:
             # resolved after timing the first steps (on_train_batch_end), from PLAN_SKIP steps after this fit's first
             self._plan_timing = (self.trainer.global_step + self.PLAN_SKIP, None)
-            fraction = self.hparams.warmup_fraction
-            if fraction is not None and math.isfinite(by_count):  # max_steps may end the run first: warm up for it
-                self._provisional_warmup = min(self.hparams.warmup_steps, max(1, round(fraction * by_count)))
-            if fraction is not None:
+            counted = int(by_count) if math.isfinite(by_count) else None
+            if self.hparams.warmup_fraction is not None and counted is not None:  # max_steps may end the run first
+                self._provisional_warmup = self._warmup_for(counted)
+            if self.hparams.warmup_fraction is not None:
+                if self._resumed_factor is not None:
+                    until = "the checkpoint's plan until then"
+                else:
+                    until = f"until then: warmup {self._provisional_warmup or self.hparams.warmup_steps:,} steps"
+                    if self.hparams.schedule == "cosine" and counted is not None:
+                        until += f", then cosine decay to 0 at step {counted:,}, by max_steps / max_epochs"
                 say(
-                    f"glow: lr schedule: resolved from the step time over the first {self.PLAN_SHARE:.0%} of max_time "
-                    + (
-                        "(the checkpoint's plan until then)"
-                        if self._resumed_factor is not None
-                        else f"(until then: warmup {self._provisional_warmup or self.hparams.warmup_steps:,} steps"
-                        + (
-                            f", then cosine decay to 0 at step {int(by_count):,}, by max_steps / max_epochs)"
-                            if self.hparams.schedule == "cosine" and math.isfinite(by_count)
-                            else ")"
-                        )
-                    )
+                    f"glow: lr schedule: resolved from the step time over the first {self.PLAN_SHARE:.0%} of max_time ({until})"
                 )
         else:
             source = f"{by_count:,} by max_steps" if self.trainer.max_steps > 0 else (

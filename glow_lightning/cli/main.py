@@ -111,7 +111,7 @@ TRAINING_KEYS = frozenset(
 )  # fmt: skip
 RESUME_CHANGEABLE = TRAINING_KEYS - {"init_weights"}
 EVALUATING = ("validate", "test", "predict")  # Lightning's subcommands that evaluate a model
-SPECIAL_CKPT_PATHS = ("best", "hpc", "registry")
+SPECIAL_CKPT_PATHS = ("best", "hpc", "registry")  # Lightning's own --ckpt_path values
 _CKPT_NAMES = (
     "a checkpoint file (a path or an fsspec URL such as s3://...), last (<default_root_dir>/checkpoints/last.ckpt, "
     "the newest state) or best (that folder's best file by --checkpoint.monitor)"
@@ -123,7 +123,7 @@ CKPT_PATH_HELP = {
         name: f"Required: the checkpoint to evaluate, {_CKPT_NAMES}. The architecture comes from the checkpoint."
         for name in EVALUATING
     },
-}  # Lightning's own --ckpt_path values
+}
 IMAGE_SUBCOMMANDS = ("sample", "reconstruct", "interpolate", "prepare", "manipulate", "fid")  # GlowTrainer methods
 NEEDS_NO_DATA = ("sample",)
 

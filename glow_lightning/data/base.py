@@ -332,14 +332,14 @@ class GlowDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self.splits[split]
+        rank, world_size = self._rank_and_world_size()
         if train:
-            rank, world_size = self._rank_and_world_size()
             if world_size > 1:
                 sampler = EpochDistributedSampler(dataset, world_size, rank, self.seed, *self._resume_position())
             else:
                 sampler = EpochRandomSampler(dataset, self.seed, *self._resume_position())
             warnings.filterwarnings("ignore", message=NOT_RESUMABLE)  # these samplers resume mid-epoch: not true
-        elif self._rank_and_world_size()[1] > 1:
+        elif world_size > 1:
             # Evaluation under DDP: every image exactly once over all ranks (Lightning's DistributedSampler
             # would pad uneven sets with repeats and bias val/test bits/dim); ranks may differ by one image.
             sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
