@@ -77,7 +77,7 @@ def test_last_ckpt_holds_the_final_step_of_a_run_stopped_mid_epoch(cifar_dir, tm
 
 
 @pytest.mark.parametrize("stop", ["should_stop", "max_steps"])
-def test_a_run_stopped_mid_epoch_resumes_the_rest_of_that_epoch(cifar_dir, tmp_path, stop):
+def test_a_run_stopped_mid_epoch_resumes_the_rest_of_that_epoch(cifar_dir, tmp_path, capsys, stop):
     """max_time and EarlyStopping stop mid-epoch through ``trainer.should_stop``; Lightning then counts the epoch as
     processed before on_train_epoch_end writes last.ckpt, and a resume skipped the rest of it (on MNIST, 1,104 of
     1,718 batches after a one-minute run). Now it runs the batches that were left, as after a signal."""
@@ -88,11 +88,17 @@ def test_a_run_stopped_mid_epoch_resumes_the_rest_of_that_epoch(cifar_dir, tmp_p
     assert checkpoints(run)["last.ckpt"] == 6  # 4 batches per epoch: stopped after batch 1 of epoch 1
     more = ["--trainer.max_steps", "12"] if stop == "max_steps" else []
     record = ["--trainer.callbacks+", f"{HELPERS}.BatchRecorder", "--trainer.enable_progress_bar", "true"]
+    capsys.readouterr()
     cli = main(fit_args(cifar_dir, run, "--trainer.max_epochs", "3", *QUICK, *more, "--ckpt_path", "last", *record))
     recorder = next(c for c in cli.trainer.callbacks if type(c).__name__ == "BatchRecorder")
     assert recorder.batches == [(1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3)]
     # the bar of the resumed epoch names it and counts on from its batches done (Lightning's: "Training: 3/?")
     assert recorder.bar[0] == ("Epoch 1: ", 2, 4) and recorder.bar[2] == ("Epoch 2: ", 0, 4)
+    frames = capsys.readouterr().out.split("\r")
+    first = [f for f in frames if f.startswith("Epoch 1")]
+    assert first and "2/4" in first[0]  # not a first frame "Epoch 1:   0%| | 0/4"
+    assert all("-" not in f.split("[")[-1] for f in frames if "Epoch" in f)  # no negative rate ...
+    assert not any(f.startswith("Epoch 1") and "0/4" in f for f in frames)  # ... nor epoch 2's reset named epoch 1
     assert cli.trainer.global_step == 12 and checkpoints(run)["last.ckpt"] == 12
 
 
@@ -229,11 +235,13 @@ def test_a_mistyped_monitor_is_one_clear_error_at_the_first_validation(cifar_dir
     first validation without one), not a traceback after a whole epoch."""
     with pytest.raises(SystemExit) as exc:
         main(fit_args(cifar_dir, str(tmp_path / "run"), "--checkpoint.monitor", "val/bdp", "--trainer.max_epochs", "1",
-                      *QUICK[2:], "--trainer.num_sanity_val_steps", sanity))  # fmt: skip
+                      *QUICK[2:], "--trainer.num_sanity_val_steps", sanity, "--invertibility.every_n_epochs", "1"))  # fmt: skip
     assert exc.value.code == 1
     err = capsys.readouterr().err
     assert "glow: error: --checkpoint.monitor 'val/bdp' is not a metric this run logs (validation logged: " in err
     assert "val/bpd" in err.splitlines()[-1] and "Traceback" not in err
+    assert "val/recon_error" in err.splitlines()[-1]  # the invertibility check's: later, or in the first validation
+    assert err.count("val/recon_error") == 1
 
 
 def test_a_mistyped_training_monitor_is_lightnings_error_in_one_line(cifar_dir, tmp_path, capsys):

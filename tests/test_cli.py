@@ -205,7 +205,8 @@ def test_checkpoint_of_another_architecture_names_the_difference(cifar_dir, tiny
 
 def test_console_script_end_to_end(cifar_dir, tiny_checkpoint, tmp_path):
     """The one real ``glow`` process of the suite: installed entry point, test bits/dim printed."""
-    glow = shutil.which("glow") or os.path.join(os.path.dirname(sys.executable), "glow")
+    glow = os.path.join(os.path.dirname(sys.executable), "glow")  # this Python's (a venv not activated too)
+    glow = glow if os.path.exists(glow) else shutil.which("glow")
     out = subprocess.run(
         [glow, "test", "--config", config("cifar.yaml"), "--config", config("debug.yaml"),
          "--data.data_dir", cifar_dir, "--data.download", "false", "--data.val_size", "8",

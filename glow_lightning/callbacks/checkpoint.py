@@ -38,9 +38,16 @@ from typing_extensions import override
 
 from ..console import say
 from ..io import check_writable, join, remove_stale_temporaries
+from .fid import FIDMonitor
+from .invertibility import InvertibilityMonitor
 from .preemption import SignalFlags
 
-LOGGED_AFTER_SANITY = ("val/fid", "val/recon_error")  # FIDMonitor, InvertibilityMonitor: not in the sanity check
+# the callbacks' metrics that the sanity check does not log
+LOGGED_AFTER_SANITY = {FIDMonitor: ("val/fid",), InvertibilityMonitor: ("val/recon_error",)}
+
+
+def _any(objects, kind) -> bool:
+    return any(isinstance(obj, kind) for obj in objects)
 
 
 class UnknownMonitorError(ValueError):
@@ -197,12 +204,18 @@ class GlowCheckpoint(ModelCheckpoint):
         check, seconds into the run, instead of Lightning's at the end of the first epoch. Training metrics
         (``train/...``) and those of callbacks that skip the sanity check (``val/fid``, ``val/recon_error``) are
         logged only later: Lightning checks those."""
-        later = self.monitor is None or self.monitor.startswith("train/") or self.monitor in LOGGED_AFTER_SANITY
+        after_sanity = {name for names in LOGGED_AFTER_SANITY.values() for name in names}
+        later = self.monitor is None or self.monitor.startswith("train/") or self.monitor in after_sanity
         if later or self.monitor in trainer.callback_metrics:
             return
         logged = ", ".join(sorted(k for k in trainer.callback_metrics if k not in ("epoch", "step")))
+        switched_on = [cb for cb in trainer.callbacks if getattr(cb, "every_n_epochs", 0)]
+        later = sorted(n for kind, names in LOGGED_AFTER_SANITY.items() for n in names if _any(switched_on, kind))
+        later = [n for n in later if n not in trainer.callback_metrics]
+        later_note = f"; its callbacks log later: {', '.join(later)}" if later else ""
         raise UnknownMonitorError(
-            f"--checkpoint.monitor {self.monitor!r} is not a metric this run logs (validation logged: {logged})"
+            f"--checkpoint.monitor {self.monitor!r} is not a metric this run logs (validation logged: {logged}"
+            f"{later_note})"
         )
 
     @override

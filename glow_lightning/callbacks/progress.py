@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from typing_extensions import override
 
 from ..metrics import logs_at
@@ -52,10 +53,23 @@ class GlowProgressBar(TQDMProgressBar):
         super().on_train_start(trainer, pl_module)
         if getattr(trainer.fit_loop, "restarted_mid_epoch", False):
             # a resume in the middle of an epoch: Lightning skips on_train_epoch_start, so its bar said
-            # "Training: 601/?" (no epoch, no total); show the epoch and count on from the batches already done
-            self.on_train_epoch_start(trainer, pl_module)
+            # "Training: 601/?" (no epoch, no total); show the epoch and count on from the batches already done,
+            # in one redraw (on_train_epoch_start's reset would draw "Epoch 3: 0/1718" first)
             bar = self.train_progress_bar
+            bar.total = convert_inf(self.total_train_batches)
             bar.initial = bar.n = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            bar.set_description(f"Epoch {trainer.current_epoch}")
+
+    @override
+    def on_train_epoch_start(self, trainer, *_: Any) -> None:
+        # Lightning's, in one redraw: its reset() drew the new epoch's bar under the old name, and after a resumed
+        # epoch with its initial count still set (a negative rate: "Epoch 1: 0/4 [00:00<-00:00, -83055.52it/s]")
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        bar = self.train_progress_bar
+        bar.initial = 0
+        bar.set_description(f"Epoch {trainer.current_epoch}", refresh=False)
+        bar.reset(total=convert_inf(self.total_train_batches))
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

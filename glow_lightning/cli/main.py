@@ -266,7 +266,8 @@ class GlowArgumentParser(LightningArgumentParser):
         missing = re.fullmatch(r"argument (--\S+): expected one argument", message)
         if missing:  # argparse takes a value like -1e-3 for an option
             message += f" (a value that starts with '-' is written {missing.group(1)}=VALUE)"
-        no_data = re.search(r"arguments are required: (\w+)\.data\b", message)
+        # jsonargparse >= 4.40 says "the following arguments are required: X.data", 4.39 'Key "X.data" is required'
+        no_data = re.search(r"""(?:arguments are required: |Key ")(\w+)\.data\b""", message)
         if no_data:  # e.g. `glow reconstruct --ckpt_path X` of a run whose config.yaml is not found
             subcommand = no_data.group(1)
             message = (
