@@ -84,8 +84,11 @@ def test_a_run_stopped_mid_epoch_resumes_the_rest_of_that_epoch(cifar_dir, tmp_p
     run = str(tmp_path)
     first = {"should_stop": ["--trainer.callbacks+", f"{HELPERS}.StopAtStep"],  # what max_time does
              "max_steps": ["--trainer.max_steps", "6"]}[stop]  # fmt: skip
-    main(fit_args(cifar_dir, run, "--trainer.max_epochs", "3", *QUICK, *first))
+    main(fit_args(cifar_dir, run, "--trainer.max_epochs", "3", *QUICK, *first, "--trainer.enable_progress_bar", "true",
+                  "--trainer.callbacks+", "GlowProgressBar", "--trainer.callbacks.min_interval", "60"))  # fmt: skip
     assert checkpoints(run)["last.ckpt"] == 6  # 4 batches per epoch: stopped after batch 1 of epoch 1
+    last = [f for f in capsys.readouterr().out.split("\r") if f.startswith("Epoch 1")][-1]
+    assert "2/4" in last  # the count where it stopped, though the bar draws at most every min_interval
     more = ["--trainer.max_steps", "12"] if stop == "max_steps" else []
     record = ["--trainer.callbacks+", f"{HELPERS}.BatchRecorder", "--trainer.enable_progress_bar", "true"]
     capsys.readouterr()

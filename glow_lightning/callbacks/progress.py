@@ -71,6 +71,23 @@ class GlowProgressBar(TQDMProgressBar):
         bar.set_description(f"Epoch {trainer.current_epoch}", refresh=False)
         bar.reset(total=convert_inf(self.total_train_batches))
 
+    def _count_done(self, trainer) -> None:
+        """The training bar's count at the batches done, for the redraw that follows: throttled, it showed the last
+        drawn batch (a run stopped by max_time at step 1,214 ended on "1212/1718")."""
+        bar = self._train_progress_bar
+        if bar is not None and not bar.disable and not trainer.sanity_checking:
+            bar.n = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+
+    @override
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._count_done(trainer)  # redrawn with val/bpd at the validation's end
+        super().on_validation_start(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._count_done(trainer)
+        super().on_train_epoch_end(trainer, pl_module)
+
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if logs_at(trainer, trainer.global_step - 1):  # the step just done logged them: read them now
