@@ -364,7 +364,7 @@ class GlowTrainer(L.Trainer):
         kid_subset_size: int = 1000,
         cache_dir: str | None = None,
     ) -> dict:
-        """FID and KID of samples against the real images of ``split`` (torchmetrics; ``pip install '.[fid]'``).
+        """FID and KID of samples against the real images of --split (torchmetrics; needs pip install '.[fid]').
 
         Samples are drawn with the checkpoint's ``state_dict`` weights (the EMA weights when EMA was on); a
         class-conditional model's labels are drawn uniformly over its classes. The split's features are
