@@ -105,6 +105,36 @@ def test_a_run_stopped_mid_epoch_resumes_the_rest_of_that_epoch(cifar_dir, tmp_p
     assert cli.trainer.global_step == 12 and checkpoints(run)["last.ckpt"] == 12
 
 
+def recorded(cli, name: str):
+    return next(c for c in cli.trainer.callbacks if type(c).__name__ == name)
+
+
+@pytest.mark.parametrize("batch_size, again", [(4, 0), (16, 8)])
+def test_a_mid_epoch_resume_with_another_batch_size_goes_on_after_the_images_done(cifar_dir, tmp_path, capsys,
+                                                                                 batch_size, again):  # fmt: skip
+    """Lightning counts the epoch's batches done and restarts at that count: resumed with larger batches, the epoch
+    ended at once (done >= its new length); with smaller ones, too few images were skipped. The count is converted,
+    so the epoch goes on after the images done (some again when they are not a whole number of new batches)."""
+    run = str(tmp_path)
+    record = ["--trainer.callbacks+", f"{HELPERS}.IndexRecorder", "--trainer.limit_train_batches", "1.0"]
+    first = main(fit_args(cifar_dir, run, *QUICK, "--trainer.max_steps", "3", *record))  # 3 of 4 batches of 8
+    done = [i for batch in recorded(first, "IndexRecorder").indices for i in batch]
+    capsys.readouterr()
+    more = ["--data.batch_size", str(batch_size), "--trainer.max_epochs", "2", "--ckpt_path", "last"]
+    cli = main(fit_args(cifar_dir, run, *QUICK, *more, *record, "--trainer.callbacks+", f"{HELPERS}.BatchRecorder"))
+    out = capsys.readouterr().out
+    line = (
+        f"glow: resuming in the middle of epoch 0 with {batch_size} images per batch over all devices (checkpoint: 8)"
+    )
+    assert line in out
+    indices, batches = recorded(cli, "IndexRecorder").indices, recorded(cli, "BatchRecorder").batches
+    rest = [i for batch, (epoch, _) in zip(indices, batches) if epoch == 0 for i in batch]
+    assert len(done) == 24 and len(rest) == 32 - 24 + again
+    assert len(set(done + rest)) == 32  # each training image of the epoch (32), ...
+    assert rest[:again] == done[24 - again :]  # ... the last ones done again where they are not a whole new batch
+    assert [e for e, _ in batches].count(1) == 32 // batch_size  # then whole epochs
+
+
 def test_sigterm_to_the_process_group_saves_exits_143_and_resumes(cifar_dir, tmp_path):
     run = str(tmp_path / "run")
     args = fit_args(cifar_dir, run, *QUICK, "--data.init_args.num_workers", "1")

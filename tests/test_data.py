@@ -180,3 +180,19 @@ def test_the_training_sampler_goes_on_where_a_resumed_epoch_stopped(cifar_dir, m
         shares = [indices(epoch=1, start_batches=0, rank=r)[0] for r in range(world_size)]
         images = [i for share in shares for batch in share for i in batch]
         assert len(images) == len(set(images)) == 32
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_an_epochs_order_is_the_same_on_any_number_of_devices(world_size):
+    """Rank r of W takes positions r, r + W, ... of the one-device order, so the first n images of an epoch are done
+    after n / W of each rank's share: a mid-epoch resume on another number of devices goes on after them."""
+    from glow_lightning.data.base import EpochDistributedSampler, EpochRandomSampler
+
+    data = list(range(30))
+    one = list(EpochRandomSampler(data, seed=3, epoch=2))
+    assert sorted(one) == data and one != list(EpochRandomSampler(data, seed=3, epoch=1))
+    shares = [list(EpochDistributedSampler(data, world_size, r, seed=3, epoch=2)) for r in range(world_size)]
+    interleaved = [share[k] for k in range(len(shares[0])) for share in shares]
+    assert interleaved[:30] == one  # (DistributedSampler pads the last round with the order's first images)
+    skipped = [list(EpochDistributedSampler(data, world_size, r, seed=3, epoch=2, start=4)) for r in range(world_size)]
+    assert [share[4:] for share in shares] == skipped

@@ -163,6 +163,13 @@ class GlowCheckpoint(ModelCheckpoint):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
         mark_epoch_unfinished(trainer, checkpoint)
+        record_batch_geometry(trainer, checkpoint)
+
+    @override
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        if trainer.state.fn == TrainerFn.FITTING:
+            rescale_epoch_position(trainer, checkpoint)  # before Lightning restores its loops from it
 
     def _install_signals(self, trainer) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
@@ -292,3 +299,44 @@ def mark_epoch_unfinished(trainer, checkpoint: dict[str, Any]) -> None:
     for counts in (saved["current"], saved["total"]):
         counts["processed"] -= 1
         counts["completed"] = min(counts["completed"], counts["processed"])
+
+
+GEOMETRY_KEY = "glow_batch_geometry"  # the checkpoint key: images per batch on each device, and the devices
+
+
+def record_batch_geometry(trainer, checkpoint: dict[str, Any]) -> None:
+    """Keep the batch size and the number of devices in the checkpoint (see :func:`rescale_epoch_position`)."""
+    datamodule = trainer.datamodule
+    if getattr(datamodule, "resumes_by_count", False):
+        checkpoint[GEOMETRY_KEY] = {"batch_size": datamodule.batch_size, "world_size": trainer.world_size}
+
+
+def rescale_epoch_position(trainer, checkpoint: dict[str, Any]) -> None:
+    """A checkpoint from the middle of an epoch resumed with another batch size or number of devices: its count of
+    the epoch's batches done, converted to the new batches, so that the resume goes on after the images done.
+
+    Lightning counts the batches done per device and restarts the epoch at that count; the datamodule skips that many
+    of the new batches' images in the epoch's order, which is the same on any number of devices (EpochRandomSampler,
+    EpochDistributedSampler). Unconverted, a larger batch ended the epoch at once (1,214 of 1,718 batches of 32 done
+    are more than the 859 batches of 64) and a smaller one skipped too few images. When the images done are not a
+    whole number of new batches, the last of them are trained on again (fewer than one batch over all devices)."""
+    saved, datamodule = checkpoint.get(GEOMETRY_KEY), trainer.datamodule
+    fit = checkpoint.get("loops", {}).get("fit_loop", {})
+    if not saved or not getattr(datamodule, "resumes_by_count", False) or "epoch_loop.batch_progress" not in fit:
+        return
+    old = saved["batch_size"] * saved["world_size"]
+    new = datamodule.batch_size * trainer.world_size
+    epochs, batches = fit["epoch_progress"]["current"], fit["epoch_loop.batch_progress"]
+    done = batches["current"]["processed"]
+    if old == new or not epochs["started"] > epochs["processed"] or not done:
+        return  # the same images per batch, or not in the middle of an epoch: nothing to convert
+    converted = done * old // new
+    for counts in (batches["current"], batches["total"]):
+        for key in counts:  # ready, started, processed, completed: moved together
+            counts[key] = max(0, counts[key] + converted - done)
+    again = done * old - converted * new
+    say(
+        f"glow: resuming in the middle of epoch {epochs['processed']} with {new:,} images per batch over all devices "
+        f"(checkpoint: {old:,}): it goes on after its first {converted * new:,} images"
+        + (f" ({again:,} of the checkpoint's last images again)" if again else "")
+    )

@@ -191,7 +191,7 @@ class EpochRandomSampler(RandomSampler):
         self.epoch = epoch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)  # as EpochDistributedSampler's
         start, self.start = self.start, 0
         return iter(torch.randperm(len(self.data_source), generator=g)[start:].tolist())
 
@@ -200,10 +200,15 @@ class EpochDistributedSampler(DistributedSampler):
     """DDP: this rank's share of an order that is a function of (seed, epoch), as Lightning's DistributedSampler,
     but made by the datamodule, so that it knows where a resumed fit goes on: the epoch, at creation (Lightning sets
     it only after DataLoader workers have drawn their first indices), and ``start``, images of this rank's share to
-    skip, once (a resume in the middle of an epoch). Lightning keeps a DistributedSampler it is given."""
+    skip, once (a resume in the middle of an epoch). Lightning keeps a DistributedSampler it is given.
+
+    The epoch's order is :class:`EpochRandomSampler`'s, whatever the number of ranks: rank r takes its positions r,
+    r + W, r + 2W, ... So the first n images of the order are done after n / W of every rank's share, and a run
+    resumed mid-epoch on another number of devices (or with another batch size) can go on after them."""
 
     def __init__(self, dataset, num_replicas: int, rank: int, seed: int = 0, epoch: int = 0, start: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        # DistributedSampler's permutation is seeded with seed + epoch: EpochRandomSampler's generator
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed * 100_003)
         self.epoch, self.start = epoch, start
 
     def __iter__(self):
@@ -231,6 +236,11 @@ class GlowDataModule(L.LightningDataModule):
         class_conditional: train a class-conditional model (paper section 5): the dataset's class
             count is linked into the model as ``num_classes``. Off: unconditional (num_classes 0).
     """
+
+    # A resume in the middle of an epoch skips the images of the checkpoint's batches (_resume_position); one with
+    # another batch size or number of devices has its batch count converted first (callbacks.checkpoint's
+    # rescale_epoch_position). StreamingDataModule: litdata's loader state restores its own position.
+    resumes_by_count = True
 
     num_channels: int = 3
     image_size: int = 32

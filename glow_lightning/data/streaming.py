@@ -158,6 +158,8 @@ class StreamingDataModule(GlowDataModule):
             splits are those converted).
     """
 
+    resumes_by_count = False  # litdata's StreamingDataLoader restores its position from its own state
+
     def __init__(
         self,
         *,
