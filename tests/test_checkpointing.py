@@ -105,6 +105,17 @@ def test_a_run_stopped_mid_epoch_resumes_the_rest_of_that_epoch(cifar_dir, tmp_p
     assert cli.trainer.global_step == 12 and checkpoints(run)["last.ckpt"] == 12
 
 
+def test_a_resumed_epochs_bar_counts_to_where_max_steps_stops_it(cifar_dir, tmp_path):
+    """With max_steps and no max_epochs, Lightning's bar total is the steps left; resumed mid-epoch it counts on from
+    the batches done, so its total is the batches done plus the steps left (it showed "2/?": 2 done of a total of 1)."""
+    run = str(tmp_path)
+    main(fit_args(cifar_dir, run, *QUICK, "--trainer.max_steps", "6"))  # 4 batches per epoch: 2 of epoch 1 done
+    bar = ["--trainer.enable_progress_bar", "true", "--trainer.callbacks+", f"{HELPERS}.BatchRecorder"]
+    cli = main(fit_args(cifar_dir, run, *QUICK, "--trainer.max_epochs", "-1", "--trainer.max_steps", "7",
+                        "--ckpt_path", "last", *bar))  # fmt: skip
+    assert recorded(cli, "BatchRecorder").bar == [("Epoch 1: ", 2, 3)] and cli.trainer.global_step == 7
+
+
 def recorded(cli, name: str):
     return next(c for c in cli.trainer.callbacks if type(c).__name__ == name)
 

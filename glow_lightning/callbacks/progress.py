@@ -55,9 +55,12 @@ class GlowProgressBar(TQDMProgressBar):
             # a resume in the middle of an epoch: Lightning skips on_train_epoch_start, so its bar said
             # "Training: 601/?" (no epoch, no total); show the epoch and count on from the batches already done,
             # in one redraw (on_train_epoch_start's reset would draw "Epoch 3: 0/1718" first)
-            bar = self.train_progress_bar
-            bar.total = convert_inf(self.total_train_batches)
-            bar.initial = bar.n = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            bar, done = self.train_progress_bar, trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            total = self.total_train_batches
+            if total != trainer.num_training_batches:  # Lightning's steps left (max_steps, max_epochs -1): after done
+                total = min(trainer.num_training_batches, done + total)
+            bar.total = convert_inf(total)
+            bar.initial = bar.n = done
             bar.set_description(f"Epoch {trainer.current_epoch}")
 
     @override
