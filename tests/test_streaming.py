@@ -218,3 +218,17 @@ def test_glow_fit_stopped_mid_epoch_resumes_the_rest_of_that_epoch_from_the_stre
 
     epoch1 = [i for batch in recorded(first)[4:] + recorded(resumed) for i in batch]
     assert len(epoch1) == len(set(epoch1)) == 32
+
+
+def test_a_streamed_mid_epoch_resume_with_another_batch_size_says_it_is_not_exact(converted, tmp_path, capsys):
+    """litdata's loader state counts its workers' images: resumed with another batch size it skips and repeats some
+    (by hand: 12 of 32 done with batches of 4, then batches of 8: 16 more, 4 of them again). One line says so."""
+    _, out = converted
+    args = ["fit", "--config", config("imagenet32.yaml"), "--config", config("debug.yaml"), "--config",
+            config("streaming.yaml"), "--data.input_dir", out, "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0"]  # fmt: skip
+    main([*args, "--trainer.max_steps", "2"])
+    capsys.readouterr()
+    main([*args, "--trainer.max_steps", "3", "--ckpt_path", "last", "--data.batch_size", "4"])
+    assert "glow: warning: resuming in the middle of epoch 0 with 4 images per batch over all devices (checkpoint: 8)" \
+        ": the streamed data resumes by its own counts" in capsys.readouterr().out  # fmt: skip

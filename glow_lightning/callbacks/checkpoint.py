@@ -307,7 +307,7 @@ GEOMETRY_KEY = "glow_batch_geometry"  # the checkpoint key: images per batch on 
 def record_batch_geometry(trainer, checkpoint: dict[str, Any]) -> None:
     """Keep the batch size and the number of devices in the checkpoint (see :func:`rescale_epoch_position`)."""
     datamodule = trainer.datamodule
-    if getattr(datamodule, "resumes_by_count", False):
+    if hasattr(datamodule, "resumes_by_count"):
         checkpoint[GEOMETRY_KEY] = {"batch_size": datamodule.batch_size, "world_size": trainer.world_size}
 
 
@@ -322,7 +322,7 @@ def rescale_epoch_position(trainer, checkpoint: dict[str, Any]) -> None:
     whole number of new batches, the last of them are trained on again (fewer than one batch over all devices)."""
     saved, datamodule = checkpoint.get(GEOMETRY_KEY), trainer.datamodule
     fit = checkpoint.get("loops", {}).get("fit_loop", {})
-    if not saved or not getattr(datamodule, "resumes_by_count", False) or "epoch_loop.batch_progress" not in fit:
+    if not saved or not hasattr(datamodule, "resumes_by_count") or "epoch_loop.batch_progress" not in fit:
         return
     old = saved["batch_size"] * saved["world_size"]
     new = datamodule.batch_size * trainer.world_size
@@ -330,6 +330,13 @@ def rescale_epoch_position(trainer, checkpoint: dict[str, Any]) -> None:
     done = batches["current"]["processed"]
     if old == new or not epochs["started"] > epochs["processed"] or not done:
         return  # the same images per batch, or not in the middle of an epoch: nothing to convert
+    if not datamodule.resumes_by_count:  # streaming: litdata's loader resumes by its own per-worker counts
+        say(
+            f"glow: warning: resuming in the middle of epoch {epochs['processed']} with {new:,} images per batch over "
+            f"all devices (checkpoint: {old:,}): the streamed data resumes by its own counts, so the rest of this "
+            "epoch skips some of its images and repeats others (the same --data.batch_size and devices resume exactly)"
+        )
+        return
     converted = done * old // new
     for counts in (batches["current"], batches["total"]):
         for key in counts:  # ready, started, processed, completed: moved together
