@@ -456,7 +456,8 @@ class GlowModule(L.LightningModule):
             since = f" from step {step:,}" if step != self._resumed_step else ""  # a max_time plan: timed first
             say(
                 f"glow: lr schedule: resumed at step {self._resumed_step:,} with the checkpoint's plan at lr "
-                f"x{before:.3g}; it reaches the new plan over {length:,} steps{since}"
+                f"{before * self.hparams.lr:.3g} (x{before:.3g} of --model.lr); it reaches the new plan over {length:,} "
+                f"steps{since}"
             )
         self._apply_lr()
 

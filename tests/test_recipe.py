@@ -236,7 +236,10 @@ def test_a_resume_continues_the_checkpoints_plan_and_replans_when_its_settings_c
     longer = main(args + ["--ckpt_path", "last", "--trainer.max_steps", "12", *RECORD])  # another limit: planned again
     out = capsys.readouterr().out
     assert "glow: lr schedule: warmup 3 steps, then cosine decay to 0 at step 12" in out
-    assert "resumed at step 8 with the checkpoint's plan at lr x0; it reaches the new plan over 3 steps" in out
+    assert (
+        "resumed at step 8 with the checkpoint's plan at lr 0 (x0 of --model.lr); it reaches the new plan over 3 steps"
+        in out
+    )
     assert longer.model.lr_plan["total"] == 12 and longer.trainer.global_step == 12
     # from the finished cosine's 0 to the new one's value over 3 steps, not at once
     new = [lr * 0.5 * (1 + math.cos(math.pi * (s - 3) / 9)) for s in range(8, 12)]
@@ -262,7 +265,7 @@ def test_a_resume_with_a_later_max_time_goes_on_from_the_checkpoints_lr(tmp_path
     out = capsys.readouterr().out
     assert "(the checkpoint's plan until then)" in out and "cosine decay to 0 at step 40" in out
     assert (
-        "resumed at step 20 with the checkpoint's plan at lr x0; it reaches the new plan over 4 steps from step 23"
+        "resumed at step 20 with the checkpoint's plan at lr 0 (x0 of --model.lr); it reaches the new plan over 4 steps from step 23"
         in out
     )
     lrs = [lr for _, lr in recorded(resumed)]
