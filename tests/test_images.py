@@ -193,12 +193,15 @@ def test_reconstruct_writes_targets_beside_identical_reconstructions(tiny_checkp
         assert np.array_equal(tile(grid, row, 2 * col + 1), targets[i])
 
 
-def test_reconstruct_with_only_a_checkpoint_reads_the_runs_own_config(tiny_checkpoint, cifar_dir, tmp_path, capsys):
+@pytest.mark.parametrize("amend", [[], ["--data.num_workers", "0"]])
+def test_reconstruct_with_only_a_checkpoint_reads_the_runs_own_config(tiny_checkpoint, cifar_dir, tmp_path, capsys,
+                                                                      amend):  # fmt: skip
     """``glow reconstruct --ckpt_path X`` alone: the data comes from the run's saved config.yaml (it was "the
-    following arguments are required: reconstruct.data"), the same images as with the configs given."""
+    following arguments are required: reconstruct.data"), the same images as with the configs given; ``--data.X``
+    options amend it (one of them made the data the bare base class: "another architecture (in_channels ...)")."""
     out = str(tmp_path / "recon.png")
     main(["reconstruct", "--ckpt_path", tiny_checkpoint, "--num_images", "4", "--pairs_per_row", "2",
-          "--output", out])  # fmt: skip
+          "--output", out, *amend])  # fmt: skip
     captured = capsys.readouterr()
     assert "glow reconstruct: data and settings from the run's config " in captured.err
     assert "lightning_logs/version_0/config.yaml" in captured.err and f"to {out}" in captured.out
@@ -207,13 +210,33 @@ def test_reconstruct_with_only_a_checkpoint_reads_the_runs_own_config(tiny_check
     assert np.array_equal(tile(grid, 1, 2), targets[3])
 
 
-def test_reading_images_without_a_config_or_a_run_config_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["reconstruct", "--ckpt_path", "elsewhere.ckpt"],
+         "glow reconstruct reads images: pass --config (the run's <run>/lightning_logs/version_N/config.yaml"),
+        (["reconstruct", "--ckpt_path", "lone.ckpt", "--data.batch_size", "8"],
+         "or --data: --data.X options alone do not name a dataset (see: glow reconstruct --help)"),
+        (["fit", "--data.batch_size", "8"],
+         "glow fit reads images: pass --config (a packaged one, e.g. mnist.yaml; glow configs lists them) or --data: "),
+        (["sample", "--ckpt_path", "lone.ckpt", "--data.batch_size", "8"],
+         "glow sample reads no images: leave out the --data.X options, or pass --data"),
+        (["sample", "--output", "a.png"],
+         "glow sample needs --ckpt_path: a checkpoint file of a glow fit run, or last / best (see: glow sample --help)"),
+    ],
+)  # fmt: skip
+def test_reading_images_without_a_config_or_a_run_config_is_one_line(tiny_checkpoint, tmp_path, capsys, monkeypatch,
+                                                                      args, message):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    lone = torch.load(tiny_checkpoint, weights_only=True)
+    del lone["glow_run"]  # a checkpoint file without its run: no saved config.yaml to read the data from
+    torch.save(lone, "lone.ckpt")
     with pytest.raises(SystemExit) as exc:
-        main(["reconstruct", "--ckpt_path", str(tmp_path / "elsewhere.ckpt")])
+        main(args)
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "glow reconstruct reads images: pass --config (the run's <run>/lightning_logs/version_N/config.yaml" in err
-    assert "(see: glow reconstruct --help)" in err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert f"(see: glow {args[0]} --help)" in err
 
 
 def test_interpolate_rows_run_from_one_image_to_the_other(tiny_checkpoint, cifar_dir, tmp_path, capsys):

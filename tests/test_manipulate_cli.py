@@ -51,6 +51,7 @@ def test_manipulate_writes_one_row_per_image_and_reuses_its_saved_direction(
         (["--attribute", "12"], "--attribute 12 is not a class of CIFAR10DataModule (it has classes 0..9)"),
         ([], "glow manipulate needs --attribute"),
         (["--attribute", "3", "--direction_images", "0"], "--direction_images must be >= 1"),
+        (["--direction", "nope.pt"], "--direction nope.pt: no such file (glow manipulate --attribute A --output X.png"),
     ],
 )
 def test_manipulate_rejects_bad_attributes_with_exit_code_2(

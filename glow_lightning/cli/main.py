@@ -267,15 +267,27 @@ class GlowArgumentParser(LightningArgumentParser):
         if missing:  # argparse takes a value like -1e-3 for an option
             message += f" (a value that starts with '-' is written {missing.group(1)}=VALUE)"
         # jsonargparse >= 4.40 says "the following arguments are required: X.data", 4.39 'Key "X.data" is required'
-        no_data = re.search(r"""(?:arguments are required: |Key ")(\w+)\.data\b""", message)
-        if no_data:  # e.g. `glow reconstruct --ckpt_path X` of a run whose config.yaml is not found
-            subcommand = no_data.group(1)
-            message = (
-                f"glow {subcommand} reads images: pass --config (the run's <run>/lightning_logs/version_N/config.yaml, "
-                "or the configs it was trained with, e.g. mnist.yaml) or --data"
-            )
+        required = re.search(r"""(?:arguments are required: |Key ")(\w+)\.(data|ckpt_path)\b""", message)
+        if required:  # checked by the root parser: the subcommand is the key's first part
+            subcommand = required.group(1)
+        if required and required.group(2) == "data":  # `glow reconstruct --ckpt_path X`, no config.yaml found
+            message = reads_images(subcommand)
+        elif required:  # `glow sample --output a.png`: "required: sample.ckpt_path"
+            message = f"glow {subcommand} needs --ckpt_path: a checkpoint file of a glow fit run, or last / best"
         sys.stderr.write(f"glow: error: {condense(message)} (see: glow {subcommand} --help)\n".replace("  ", " "))
         raise SystemExit(2)
+
+
+def reads_images(subcommand: str) -> str:
+    """The error of a subcommand that reads images given no dataset."""
+    if subcommand == "fit":
+        return (
+            "glow fit reads images: pass --config (a packaged one, e.g. mnist.yaml; glow configs lists them) or --data"
+        )
+    return (
+        f"glow {subcommand} reads images: pass --config (the run's <run>/lightning_logs/version_N/config.yaml, "
+        "or the configs it was trained with, e.g. mnist.yaml) or --data"
+    )
 
 
 class GroupHelp(argparse.Action):
@@ -546,6 +558,13 @@ class GlowCLI(LightningCLI):
 
     @override
     def before_instantiate_classes(self) -> None:
+        data = self.config[self.subcommand].get("data") if self.subcommand else None
+        bare = data is not None and str(data.get("class_path", "")).rsplit(".", 1)[-1] == "GlowDataModule"
+        if bare:  # only --data.X options (--data.batch_size 8): the base class has no dataset (NotImplementedError)
+            message = f"{reads_images(self.subcommand)}: --data.X options alone do not name a dataset"
+            if self.subcommand in NEEDS_NO_DATA:
+                message = f"glow {self.subcommand} reads no images: leave out the --data.X options, or pass --data"
+            self._parser(self.subcommand).error(message)
         if self.subcommand:
             wandb_save_dir_in_run(self.config[self.subcommand].trainer)
         if self.subcommand in EVALUATION_LOGS:
@@ -624,11 +643,16 @@ def resolve_configs(args: list[str]) -> list[str]:
 def config_of_checkpoint(args: list[str]) -> list[str]:
     """``glow reconstruct --ckpt_path runs/x/checkpoints/last.ckpt`` with neither ``--config`` nor ``--data``: the
     subcommands that read images take the data (and the rest) from the run's own ``config.yaml``, as ``glow sample``
-    takes the architecture from the checkpoint; one line says so. Unchanged when the run has no saved config."""
+    takes the architecture from the checkpoint; one line says so. Options such as ``--data.download false`` amend
+    it (given after it). Unchanged when the run has no saved config."""
     subcommand = args[0] if args else ""
     if subcommand not in (*EVALUATING, *IMAGE_SUBCOMMANDS) or subcommand in NEEDS_NO_DATA:
         return args
-    if any(a in ("--config", "-c") or a.startswith(("--config=", "--data")) or a in ("-h", "--help") for a in args):
+    # a whole data spec (--data CLASS, --data.class_path) replaces the run's; --data.X options only amend it
+    whole_data = ("--data", "--data.class_path", "--data.help")
+    if any(a in ("--config", "-c", "-h", "--help", *whole_data) or a.startswith(("--config=", "--data=",
+                                                                                  "--data.class_path="))
+           for a in args):  # fmt: skip
         return args
     ckpt = next((b for a, b in zip(args, args[1:]) if a == "--ckpt_path"), None)
     ckpt = ckpt or next((a.split("=", 1)[1] for a in args if a.startswith("--ckpt_path=")), None)

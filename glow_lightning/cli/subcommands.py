@@ -31,6 +31,7 @@ from ..flow.visualize import Interpolation, image_grid, interpolation_grid, reco
 from ..io import (
     AtomicCheckpointIO,
     NotWritableError,
+    UnreadableCheckpointError,
     first_line,
     load_checkpoint_file,
     require_glow_checkpoint,
@@ -292,7 +293,13 @@ class GlowTrainer(L.Trainer):
             raise ValueError("--strengths must hold at least one number")
         flow = self._prepare(model, ckpt_path).flow
         if direction is not None:
-            saved = load_checkpoint_file(direction)
+            try:
+                saved = load_checkpoint_file(direction)
+            except FileNotFoundError:  # not "no such checkpoint file"
+                hint = "glow manipulate --attribute A --output X.png saves one as X.direction.pt"
+                raise ValueError(f"--direction {direction}: no such file ({hint})") from None
+            except UnreadableCheckpointError:
+                saved = None
             if not isinstance(saved, dict) or "direction" not in saved:
                 raise ValueError(f"--direction {direction} is not a direction saved by glow manipulate")
             name, vectors = saved["attribute"], [d.to(flow.device) for d in saved["direction"]]
