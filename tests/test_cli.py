@@ -238,6 +238,19 @@ def test_evaluation_with_the_dataset_config_alone_takes_the_architecture_from_th
     assert os.path.isdir(tmp_path / "test" / "version_0") and not os.path.exists(tmp_path / "lightning_logs")
 
 
+@pytest.mark.parametrize(("data", "hint"), [(["--data.class_conditional", "true"], ", or --data.class_conditional false"),
+                                            (["--data.n_bits", "5"], ", or --data.n_bits 8")])  # fmt: skip
+def test_evaluation_with_data_of_another_shape_names_the_data_option(cifar_dir, tiny_checkpoint, tmp_path, capsys,
+                                                                     data, hint):  # fmt: skip
+    """The data sets num_classes and n_bits (they do not yield to the checkpoint as the model's own values do): the
+    mismatch line says which option (it named only 'num_classes: checkpoint 0 vs this model 10')."""
+    with pytest.raises(SystemExit):
+        run_cli(["test", *fit_args(cifar_dir, str(tmp_path))[1:], "--ckpt_path", tiny_checkpoint, *data])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("glow: error: the checkpoint was trained with another architecture (")
+    assert err.endswith(f"; the data sets these: pass the config the run was trained with{hint}")
+
+
 def test_the_config_a_fit_saved_works_for_every_image_subcommand(tiny_run, tmp_path):
     saved = os.path.join(tiny_run, "lightning_logs", "version_0", "config.yaml")
     for subcommand in ("sample", "reconstruct", "interpolate"):

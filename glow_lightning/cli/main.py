@@ -724,10 +724,26 @@ def main(args: list[str] | None = None) -> GlowCLI | None:
         UnknownMonitorError,
         MisconfigurationException,  # raised by Lightning during a run (e.g. a training metric it cannot find)
     ) as err:
-        print(f"glow: error: {err}", file=sys.stderr)
+        print(f"glow: error: {err}{data_hint(err)}", file=sys.stderr)
         raise SystemExit(1) from err
     except SIGTERMException as stop:  # SIGTERM / SIGINT (GlowCheckpoint wrote last.ckpt): exit as the shell would
         raise SystemExit(exit_code(stopped(stop))) from stop
+
+
+def data_hint(err: Exception) -> str:
+    """A checkpoint of another architecture in a value the datamodule sets (num_classes, n_bits, image size,
+    channels): say so, and name the option where every datamodule has one."""
+    if not isinstance(err, CheckpointMismatchError):
+        return ""
+    found = dict(re.findall(r"\b(num_classes|n_bits|image_size|in_channels): checkpoint (\d+)", str(err)))
+    if not found:
+        return ""
+    options = [f"--data.n_bits {found['n_bits']}"] if "n_bits" in found else []
+    if "num_classes" in found:
+        options.append(f"--data.class_conditional {'true' if int(found['num_classes']) else 'false'}")
+    return "; the data sets these: pass the config the run was trained with" + (
+        f", or {' '.join(options)}" if options else ""
+    )
 
 
 def stopped(stop: SIGTERMException) -> int:
