@@ -124,6 +124,19 @@ def test_test_subcommand_reports_finite_bits_per_dim(cifar_dir, tiny_checkpoint,
     assert math.isfinite(bpd) and 7.0 < bpd < 9.0
 
 
+@pytest.mark.parametrize("subcommand", ["test", "predict"])
+def test_evaluating_the_test_split_needs_only_the_test_files(cifar_dir, tiny_checkpoint, tmp_path, subcommand):
+    """An out-of-distribution check downloads a dataset's test split only (SVHN's test_32x32.mat): glow test and
+    predict (its default split is test) read nothing else (they raised 'not found: .../data_batch_1')."""
+    only_test = tmp_path / "data" / "cifar-10-batches-py"
+    only_test.mkdir(parents=True)
+    shutil.copy(os.path.join(cifar_dir, "cifar-10-batches-py", "test_batch"), only_test)
+    extra = ["--prediction_writer.output", str(tmp_path / "p.csv")] if subcommand == "predict" else []
+    run_cli(cli_args(subcommand, str(tmp_path / "data"), str(tmp_path / "run"), "--ckpt_path", tiny_checkpoint, *extra))
+    if subcommand == "predict":
+        assert len(open(tmp_path / "p.csv").read().splitlines()) == 1 + 10  # the header and the 10 test images
+
+
 def test_checkpoint_holds_plain_hyperparameters_and_yields_a_pure_glow(tiny_checkpoint, cifar_dir):
     ckpt = torch.load(tiny_checkpoint, weights_only=True)
     assert ckpt["hyper_parameters"]["levels"] == 2

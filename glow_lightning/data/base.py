@@ -309,7 +309,10 @@ class GlowDataModule(L.LightningDataModule):
     # ---- splits
     @override
     def setup(self, stage: str | None = None) -> None:
-        if "train" not in self.splits:
+        # `glow test` (and predict on the test split) reads the test set only: a download of just the test files
+        # (out-of-distribution evaluation on SVHN's test_32x32.mat) is enough
+        test_only = stage == "test" or (stage == "predict" and self.predict_split == "test")
+        if "train" not in self.splits and not test_only:
             full = self.load_split(train=True)
             if self.check_shapes:
                 check_image_shape(full, self.image_shape, f"the training set of {self.data_dir}")
