@@ -10,6 +10,7 @@ Know?": a Glow trained on CIFAR-10 gives SVHN images *lower* bits/dim (higher li
 from __future__ import annotations
 
 import os
+import sys
 
 from .callbacks.predictions import read_predictions
 
@@ -83,8 +84,9 @@ def main(args: list[str] | None = None) -> None:
     ns = parser.parse_args(args)
     try:
         plot_histogram(ns.csv_files, ns.output, ns.column, ns.labels, ns.bins, ns.title)
-    except (ValueError, OSError) as err:
-        parser.error(str(err))
+    except (ValueError, OSError) as err:  # one line naming the file, not argparse's usage dump
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
 
 
 if __name__ == "__main__":

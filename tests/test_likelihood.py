@@ -98,6 +98,20 @@ def test_histogram_help_is_a_summary_and_the_options(capsys):
     assert "Args:" not in out and "Returns:" not in out  # not the whole docstring run together
 
 
+@pytest.mark.parametrize(("content", "message"), [(b"\x89PNG\r\n\x1a\n", "is not a CSV file written by glow predict"),
+                                                 (b"index,bpd\n1,abc\n", "is not a CSV file written by glow predict"),
+                                                 (b"", "is empty: not a CSV file written by glow predict")])  # fmt: skip
+def test_histogram_of_a_file_that_is_not_predictions_is_one_line_naming_it(tmp_path, capsys, content, message):
+    """A PNG passed by mistake printed only "error: 'utf-8' codec can't decode byte 0x89", after a usage dump."""
+    path = tmp_path / "seven.png"
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as exc:
+        histogram_main([str(path), "--output", str(tmp_path / "h.png")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith(f"python -m glow_lightning.histogram: error: {path} ")
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
 def test_importance_weighted_bound_with_one_sample_is_the_single_sample_estimate(cifar_dir, tiny_checkpoint, tmp_path):
     cli = main(eval_args("test", cifar_dir, str(tmp_path), tiny_checkpoint, "--model.iw_samples", "1"))
     metrics = cli.trainer.callback_metrics

@@ -62,7 +62,7 @@ class GlowEMA(EMAWeightAveraging):
         device: str | None = None,
     ):
         if decay is not None and not 0.0 <= decay < 1.0:
-            raise ValueError(f"ema decay must be in [0, 1), got {decay!r}")
+            raise ValueError(f"ema decay (--ema.decay) must be in [0, 1), got {decay!r}")
         if update_every_n_steps < 1:
             raise ValueError(f"ema update_every_n_steps must be >= 1, got {update_every_n_steps!r}")
         super().__init__(

@@ -104,13 +104,20 @@ class LikelihoodWriter(BasePredictionWriter):
 
 
 def read_predictions(path: str) -> dict[str, torch.Tensor]:
-    """A LikelihoodWriter CSV -> ``{column: tensor}`` (float64, ``index`` and ``label`` int64)."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        columns = reader.fieldnames or []
-    out = {}
-    for c in columns:
-        dtype = torch.int64 if c in ("index", "label") else torch.float64
-        out[c] = torch.tensor([float(r[c]) for r in rows], dtype=torch.float64).to(dtype)
+    """A LikelihoodWriter CSV -> ``{column: tensor}`` (float64, ``index`` and ``label`` int64).
+
+    Raises ValueError naming ``path`` when it is not such a file (a PNG, a truncated or hand-edited CSV)."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+        out = {}
+        for c in columns:
+            dtype = torch.int64 if c in ("index", "label") else torch.float64
+            out[c] = torch.tensor([float(r[c]) for r in rows], dtype=torch.float64).to(dtype)
+    except (UnicodeDecodeError, csv.Error, ValueError, TypeError) as err:  # TypeError: a short row's None
+        raise ValueError(f"{path} is not a CSV file written by glow predict ({type(err).__name__}: {err})") from err
+    if not columns:
+        raise ValueError(f"{path} is empty: not a CSV file written by glow predict")
     return out

@@ -151,6 +151,8 @@ class GlowTrainer(L.Trainer):
             scale: nearest-neighbour upscaling of the PNG (``4``: each pixel a 4x4 block).
         """
         self._check_output(output, nrow=nrow, scale=scale)
+        if not 0 <= temperature < float("inf"):  # before the checkpoint is loaded; named as the option
+            raise ValueError(f"--temperature must be a number >= 0, got {temperature}")
         flow = self._prepare(model, ckpt_path).flow
         labels, header = None, f"T={temperature:g}"
         if label is not None:
