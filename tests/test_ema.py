@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import lightning as L
@@ -203,8 +204,21 @@ def test_the_ema_callback_pickles_for_ddp_spawn():
 
     from torch.optim.swa_utils import get_ema_avg_fn
 
-    ema = pickle.loads(pickle.dumps(GlowEMA(decay=0.9)))
     average, current = torch.randn(5), torch.randn(5)
-    update = ema._kwargs["avg_fn"](average, current, torch.tensor(3))
-    torch.testing.assert_close(update, get_ema_avg_fn(0.9)(average, current, torch.tensor(3)), rtol=0, atol=0)
+    for warmup, n, decay in [(False, 3, 0.9), (True, 3, 4 / 13), (True, 200, 0.9)]:  # (1 + n) / (10 + n) up to 0.9
+        ema = pickle.loads(pickle.dumps(GlowEMA(decay=0.9, warmup=warmup)))
+        update = [average.clone()]
+        ema._kwargs["multi_avg_fn"](update, [current], torch.tensor(n))  # in place, all parameters at once
+        torch.testing.assert_close(update[0], get_ema_avg_fn(decay)(average, current, torch.tensor(n)))
     pickle.dumps(GlowEMA())  # EMA off: the callback is still in every glow fit's trainer
+
+
+def test_the_average_follows_a_short_run_with_the_decay_warmup():
+    """With the decay warmup (default), the first weights' share of the average after n updates is the product of
+    (1 + k) / (10 + k), ~10! / n^9, not decay ** n (37% after 1,000 updates at 0.999)."""
+    from glow_lightning.callbacks.ema import warmed_up_decay
+
+    decays = [float(warmed_up_decay(0.999, torch.tensor(n))) for n in range(1, 1001)]
+    assert decays[0] == pytest.approx(2 / 11) and decays[-1] == pytest.approx(1001 / 1010)
+    assert float(warmed_up_decay(0.999, torch.tensor(9000))) == pytest.approx(0.999)  # the decay itself from ~8,990
+    assert math.prod(decays) < 1e-15 and 0.999**1000 > 0.36
