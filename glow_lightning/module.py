@@ -40,6 +40,11 @@ from .metrics import BitsPerDim, logs_at
 ARCH_CHECKED = (*ARCH_KEYS, "dequantization")
 
 
+def steps(n: int) -> str:
+    """``1 step``, ``2,000 steps``."""
+    return f"{n:,} step{'' if n == 1 else 's'}"
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model it is loaded into (another architecture)."""
 
@@ -444,7 +449,7 @@ class GlowModule(L.LightningModule):
             after = f"cosine decay to 0 at step {total:,}"
         else:
             after = "constant" if self.hparams.schedule == "constant" else "cosine (no planned end: constant)"
-        say(f"glow: lr schedule: warmup {warmup:,} steps, then {after} (planned steps: {source})")
+        say(f"glow: lr schedule: warmup {steps(warmup)}, then {after} (planned steps: {source})")
         if before is not None:
             # a resume whose limits or schedule settings changed: the lr goes from where the checkpoint's plan has
             # it now to the new plan over a warmup's length, not at once (a jump from a finished cosine's ~0 to the
@@ -456,8 +461,8 @@ class GlowModule(L.LightningModule):
             since = f" from step {step:,}" if step != self._resumed_step else ""  # a max_time plan: timed first
             say(
                 f"glow: lr schedule: resumed at step {self._resumed_step:,} with the checkpoint's plan at lr "
-                f"{before * self.hparams.lr:.3g} (x{before:.3g} of --model.lr); it reaches the new plan over {length:,} "
-                f"steps{since}"
+                f"{before * self.hparams.lr:.3g} (x{before:.3g} of --model.lr); it reaches the new plan over "
+                f"{steps(length)}{since}"
             )
         self._apply_lr()
 
@@ -571,7 +576,7 @@ class GlowModule(L.LightningModule):
                 if self._resumed_factor is not None:
                     until = "the checkpoint's plan until then"
                 else:
-                    until = f"until then: warmup {self._provisional_warmup or self.hparams.warmup_steps:,} steps"
+                    until = f"until then: warmup {steps(self._provisional_warmup or self.hparams.warmup_steps)}"
                     if self.hparams.schedule == "cosine" and counted is not None:
                         until += f", then cosine decay to 0 at step {counted:,}, by max_steps / max_epochs"
                 say(
