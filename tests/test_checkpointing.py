@@ -146,6 +146,17 @@ def test_a_mid_epoch_resume_with_another_batch_size_goes_on_after_the_images_don
     assert [e for e, _ in batches].count(1) == 32 // batch_size  # then whole epochs
 
 
+def test_a_signal_closes_the_bar_so_the_stop_line_starts_a_line(cifar_dir, tmp_path, capfd):
+    """Ctrl-C mid-epoch: the bar's last frame ends its line before "glow: stopped by SIGINT" (it ran on after it:
+    "...train/bpd=3.860]glow: stopped by SIGINT: ...")."""
+    with pytest.raises(SystemExit):
+        main(fit_args(cifar_dir, str(tmp_path), *QUICK, "--trainer.enable_progress_bar", "true",
+                      "--trainer.callbacks+", f"{HELPERS}.InterruptAtStep"))  # fmt: skip
+    out, err = capfd.readouterr()
+    assert "glow: stopped by SIGINT" in err and out.endswith("\n")
+    assert "2/4" in [f for f in out.split("\r") if f.startswith("Epoch 1")][-1]  # stopped after 2 of epoch 1's 4
+
+
 def test_sigterm_to_the_process_group_saves_exits_143_and_resumes(cifar_dir, tmp_path):
     run = str(tmp_path / "run")
     args = fit_args(cifar_dir, run, *QUICK, "--data.init_args.num_workers", "1")

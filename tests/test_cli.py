@@ -161,11 +161,13 @@ def test_new_fit_refuses_to_overwrite_an_earlier_run(tiny_run, cifar_dir, tmp_pa
     run = str(tmp_path / "run")
     shutil.copytree(tiny_run, run)
     before = sorted(os.listdir(os.path.join(run, "checkpoints")))
+    logs = sorted(os.listdir(os.path.join(run, "lightning_logs")))
     with pytest.raises(SystemExit) as exc:
         run_cli(fit_args(cifar_dir, run))
     assert exc.value.code == 1
     assert "already holds checkpoints" in capsys.readouterr().err
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == before
+    assert sorted(os.listdir(os.path.join(run, "lightning_logs"))) == logs  # no version_1 of the refused run
 
 
 @pytest.mark.parametrize(
@@ -270,6 +272,17 @@ def test_the_config_a_fit_saved_works_for_every_image_subcommand(tiny_run, tmp_p
         output = str(tmp_path / f"{subcommand}.png")
         run_cli([subcommand, "--config", saved, "--ckpt_path", "last", "--output", output])
         assert os.path.getsize(output) > 0
+
+
+@pytest.mark.parametrize(("name", "hint"), [("cifar", "; did you mean --config cifar.yaml?"),
+                                            ("configs/mnist.yml", "; did you mean --config mnist.yaml?"),
+                                            ("nosuch.yaml", "; glow configs lists the packaged ones")])  # fmt: skip
+def test_a_config_that_does_not_exist_points_at_the_packaged_ones(tmp_path, monkeypatch, capsys, name, hint):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", name])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"File does not exist: '{tmp_path / name}'{hint} (see: glow fit --help)" in err
 
 
 def test_packaged_configs_resolve_from_an_empty_directory_and_a_file_path_wins(cifar_dir, tmp_path, monkeypatch):

@@ -268,10 +268,16 @@ class GlowCheckpoint(ModelCheckpoint):
     @override
     def on_fit_start(self, trainer, pl_module) -> None:
         # here, unlike in setup(), trainer.ckpt_path says whether this fit resumes
-        if trainer.ckpt_path is not None or not self.dirpath:
-            return
-        if self._fs.isdir(self.dirpath) and any(
-            str(p).endswith(".ckpt") for p in self._fs.ls(self.dirpath, detail=False)
+        if trainer.ckpt_path is None:
+            self.refuse_an_earlier_run()
+
+    def refuse_an_earlier_run(self) -> None:
+        """A new fit (no --ckpt_path) into a checkpoint directory that holds checkpoints: FileExistsError, so that
+        neither run's files are mixed up. The CLI asks before the trainer starts (no log folder is made then)."""
+        if (
+            self.dirpath
+            and self._fs.isdir(self.dirpath)
+            and any(str(p).endswith(".ckpt") for p in self._fs.ls(self.dirpath, detail=False))
         ):
             raise FileExistsError(
                 f"{self.dirpath} already holds checkpoints of an earlier run: resume it with --ckpt_path last, "

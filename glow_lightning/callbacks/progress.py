@@ -74,6 +74,18 @@ class GlowProgressBar(TQDMProgressBar):
         bar.set_description(f"Epoch {trainer.current_epoch}", refresh=False)
         bar.reset(total=convert_inf(self.total_train_batches))
 
+    @override
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A signal (or an error) ends the run mid-bar: close the bars, so that the line that follows ("glow: stopped
+        by SIGINT: ...") starts a line of its own instead of running on after the bar's last frame; that frame shows
+        the batches done (the bar draws at most every min_interval)."""
+        if trainer.state.fn == "fit":
+            self._count_done(trainer)
+        for bar in (self._train_progress_bar, self._val_progress_bar, self._test_progress_bar,
+                    self._predict_progress_bar):  # fmt: skip
+            if bar is not None and not bar.disable:
+                bar.close()
+
     def _count_done(self, trainer) -> None:
         """The training bar's count at the batches done, for the redraw that follows: throttled, it showed the last
         drawn batch (a run stopped by max_time at step 1,214 ended on "1212/1718")."""

@@ -274,6 +274,11 @@ class GlowArgumentParser(LightningArgumentParser):
             message = reads_images(subcommand)
         elif required:  # `glow sample --output a.png`: "required: sample.ckpt_path"
             message = f"glow {subcommand} needs --ckpt_path: a checkpoint file of a glow fit run, or last / best"
+        no_config = re.search(r"""(?:--config|key "config"): File does not exist: '([^']*)'""", message)
+        if no_config:  # --config cifar, --config configs/cifar.yml
+            stem = os.path.splitext(os.path.basename(no_config.group(1)))[0]
+            known = os.path.isfile(os.path.join(CONFIGS_DIR, f"{stem}.yaml"))
+            message += f"; did you mean --config {stem}.yaml?" if known else "; glow configs lists the packaged ones"
         sys.stderr.write(f"glow: error: {condense(message)} (see: glow {subcommand} --help)\n".replace("  ", " "))
         raise SystemExit(2)
 
@@ -546,6 +551,9 @@ class GlowCLI(LightningCLI):
         """Check the output directories; load the warm start's weights (``--model.init_weights``) now, so that a
         missing or unfitting file is a one-line argument error before training starts."""
         self._check_output_dirs()
+        checkpoint = self.trainer.checkpoint_callback
+        if isinstance(checkpoint, GlowCheckpoint) and not self.config_init["fit"].get("ckpt_path"):
+            checkpoint.refuse_an_earlier_run()  # before Lightning makes lightning_logs/version_N for this run
         path = self.model.hparams.get("init_weights")
         if not path or self.config_init["fit"].get("ckpt_path"):
             return
