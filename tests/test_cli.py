@@ -274,6 +274,27 @@ def test_the_config_a_fit_saved_works_for_every_image_subcommand(tiny_run, tmp_p
         assert os.path.getsize(output) > 0
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["prepare"], "glow: error: glow prepare needs --output (see: glow prepare --help)"),  # was "prepare.output"
+        (["prepare", "--output", "x", "--chunk_bytes", "abc"],  # was litdata's traceback, after the conversion began
+         "glow: error: --chunk_bytes must be a shard size such as 64MB, 1GB or 500kb, got 'abc'"),
+        (["fit", "--trainer.devices", "two"],  # was Lightning's TypeError traceback
+         "glow: error: `devices` selected with `CPUAccelerator` should be an int > 0."),
+    ],
+)  # fmt: skip
+def test_bad_values_lightning_or_litdata_would_raise_are_one_line(cifar_dir, tmp_path, monkeypatch, capsys, extra,
+                                                                  message):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    args = cli_args(extra[0], cifar_dir, str(tmp_path / "run"), "--trainer.accelerator", "cpu", *extra[1:])
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "x")
+
+
 @pytest.mark.parametrize(("name", "hint"), [("cifar", "; did you mean --config cifar.yaml?"),
                                             ("configs/mnist.yml", "; did you mean --config mnist.yaml?"),
                                             ("nosuch.yaml", "; glow configs lists the packaged ones")])  # fmt: skip

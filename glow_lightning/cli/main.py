@@ -55,6 +55,7 @@ import os
 import re
 import signal
 import sys
+import traceback
 import warnings
 
 import torch
@@ -267,13 +268,15 @@ class GlowArgumentParser(LightningArgumentParser):
         if missing:  # argparse takes a value like -1e-3 for an option
             message += f" (a value that starts with '-' is written {missing.group(1)}=VALUE)"
         # jsonargparse >= 4.40 says "the following arguments are required: X.data", 4.39 'Key "X.data" is required'
-        required = re.search(r"""(?:arguments are required: |Key ")(\w+)\.(data|ckpt_path)\b""", message)
+        required = re.search(r"""(?:arguments are required: |Key ")(\w+)\.(\w+)(?=[",]|$)""", message)
         if required:  # checked by the root parser: the subcommand is the key's first part
             subcommand = required.group(1)
         if required and required.group(2) == "data":  # `glow reconstruct --ckpt_path X`, no config.yaml found
             message = reads_images(subcommand)
-        elif required:  # `glow sample --output a.png`: "required: sample.ckpt_path"
+        elif required and required.group(2) == "ckpt_path":  # `glow sample --output a.png`
             message = f"glow {subcommand} needs --ckpt_path: a checkpoint file of a glow fit run, or last / best"
+        elif required:  # `glow prepare` without --output: "required: prepare.output"
+            message = f"glow {subcommand} needs --{required.group(2)}"
         no_config = re.search(r"""(?:--config|key "config"): File does not exist: '([^']*)'""", message)
         if no_config:  # --config cifar, --config configs/cifar.yml
             stem = os.path.splitext(os.path.basename(no_config.group(1)))[0]
@@ -592,6 +595,10 @@ class GlowCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, MisconfigurationException) as err:  # our constructors (and Lightning's) name the value
+            self._parser(self.subcommand).error(str(err))
+        except TypeError as err:  # Lightning's checks of a value's type: `--trainer.devices two`
+            if "lightning" not in traceback.extract_tb(err.__traceback__)[-1].filename:
+                raise  # a TypeError of ours is a bug: its traceback
             self._parser(self.subcommand).error(str(err))
 
 

@@ -475,8 +475,9 @@ class GlowTrainer(L.Trainer):
             ckpt_path: not used (accepted so that the ``config.yaml`` a fit saved can be passed as it is).
             weights_only: not used (as ``ckpt_path``).
         """
-        from ..data.streaming import convert
+        from ..data.streaming import check_chunk_bytes, convert
 
+        check_chunk_bytes(chunk_bytes)
         if datamodule is None or not hasattr(datamodule, "splits"):
             raise ValueError("glow prepare needs a glow_lightning datamodule: pass its config (--config) or --data")
         datamodule.prepare_data()

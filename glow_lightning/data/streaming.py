@@ -26,6 +26,7 @@ import functools
 import inspect
 import json
 import os
+import re
 
 import fsspec
 import torch
@@ -72,6 +73,15 @@ def _per_item_decode(litdata) -> dict:
     return {"batch_decode": 0} if "batch_decode" in parameters else {}
 
 
+def check_chunk_bytes(chunk_bytes: str | int) -> None:
+    """A shard size litdata reads (``64MB``, ``1.5GB``, ``500k``, or an int of bytes), checked before any work
+    (litdata's own error comes from a worker after the conversion has started)."""
+    ok = isinstance(chunk_bytes, int) and chunk_bytes > 0
+    ok = ok or bool(re.fullmatch(r"\s*\d+(\.\d*)?\s*([tgmk]b?|b)\s*", str(chunk_bytes), re.IGNORECASE))
+    if not ok:
+        raise ValueError(f"--chunk_bytes must be a shard size such as 64MB, 1GB or 500kb, got {chunk_bytes!r}")
+
+
 def convert(
     datamodule: GlowDataModule,
     output_dir: str,
@@ -93,6 +103,7 @@ def convert(
         start_method: multiprocessing start method of litdata's workers (None: litdata's, ``spawn``).
         storage_options: passed to litdata (credentials, endpoint of an S3-compatible store).
     """
+    check_chunk_bytes(chunk_bytes)
     litdata = _litdata()
     datamodule.setup(None)
     sizes = {}
