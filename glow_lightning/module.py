@@ -46,7 +46,12 @@ def steps(n: int) -> str:
 
 
 class CheckpointMismatchError(ValueError):
-    """A checkpoint does not fit the model it is loaded into (another architecture)."""
+    """A checkpoint does not fit the model it is loaded into (another architecture); ``differ``: the
+    hyperparameters that differ, ``{name: the checkpoint's value}``."""
+
+    def __init__(self, message: str, differ: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.differ = differ or {}
 
 
 def make_optimizer(
@@ -628,26 +633,26 @@ class GlowModule(L.LightningModule):
         ckpt = require_glow_checkpoint(load_checkpoint_file(path), path)
         problem = self._checkpoint_problem(ckpt)
         if problem:
-            raise CheckpointMismatchError(f"{path}: {problem}")
+            raise CheckpointMismatchError(f"{path}: {problem}", problem.differ)
         try:
             self.load_state_dict(ckpt["state_dict"])
         except RuntimeError as err:  # missing or unexpected keys: torch's message spans many lines
             raise CheckpointMismatchError(f"{path}: its weights do not fit this model ({first_line(err)})") from err
         self._initial_weights_loaded = True
 
-    def _checkpoint_problem(self, checkpoint: dict[str, Any]) -> str | None:
+    def _checkpoint_problem(self, checkpoint: dict[str, Any]) -> CheckpointMismatchError | None:
         """Why ``checkpoint``'s weights do not fit this model (another architecture, or tensors that contradict
         its hyperparameters), in one line; None if they fit."""
         hparams = checkpoint.get("hyper_parameters", {})
         saved = checkpoint_arch(hparams) | {k: hparams[k] for k in ARCH_CHECKED if k in hparams and k not in ARCH_KEYS}
-        differ = {k: (v, self.hparams[k]) for k, v in saved.items() if v != self.hparams[k]}
+        differ = {k: v for k, v in saved.items() if v != self.hparams[k]}
         if differ:
-            lines = ", ".join(f"{k}: checkpoint {a!r} vs this model {b!r}" for k, (a, b) in differ.items())
-            return f"the checkpoint was trained with another architecture ({lines})"
+            lines = ", ".join(f"{k}: checkpoint {v!r} vs this model {self.hparams[k]!r}" for k, v in differ.items())
+            return CheckpointMismatchError(f"the checkpoint was trained with another architecture ({lines})", differ)
         own = self.state_dict()
         for key, value in checkpoint.get("state_dict", {}).items():
             if key in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[key].shape):
-                return (
+                return CheckpointMismatchError(
                     f"the checkpoint's weights do not fit its hyperparameters: {key} has shape {tuple(value.shape)}, "
                     f"the model built from them {tuple(own[key].shape)} (a checkpoint edited or written by other code)"
                 )
@@ -664,7 +669,7 @@ class GlowModule(L.LightningModule):
         self._loaded_lr_plan = checkpoint.get("lr_plan")
         problem = self._checkpoint_problem(checkpoint)
         if problem:
-            raise CheckpointMismatchError(problem)
+            raise problem
         saved_optimizer = checkpoint.get("hyper_parameters", {}).get("optimizer", "adam")
         if saved_optimizer != self.hparams.optimizer and "optimizer_states" in checkpoint:
             checkpoint["optimizer_states"] = []  # Strategy.load_optimizer_state_dict zips it with the optimizers

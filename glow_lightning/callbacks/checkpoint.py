@@ -46,10 +46,6 @@ from .preemption import SignalFlags
 LOGGED_AFTER_SANITY = {FIDMonitor: ("val/fid",), InvertibilityMonitor: ("val/recon_error",)}
 
 
-def _any(objects, kind) -> bool:
-    return any(isinstance(obj, kind) for obj in objects)
-
-
 class UnknownMonitorError(ValueError):
     """``--checkpoint.monitor`` names a metric that validation does not log."""
 
@@ -216,10 +212,15 @@ class GlowCheckpoint(ModelCheckpoint):
         if later or self.monitor in trainer.callback_metrics:
             return
         logged = ", ".join(sorted(k for k in trainer.callback_metrics if k not in ("epoch", "step")))
-        switched_on = [cb for cb in trainer.callbacks if getattr(cb, "every_n_epochs", 0)]
-        later = sorted(n for kind, names in LOGGED_AFTER_SANITY.items() for n in names if _any(switched_on, kind))
-        later = [n for n in later if n not in trainer.callback_metrics]
-        later_note = f"; its callbacks log later: {', '.join(later)}" if later else ""
+        coming = sorted(  # the switched-on callbacks' metrics that the validations so far did not log
+            name
+            for cb in trainer.callbacks
+            for kind, names in LOGGED_AFTER_SANITY.items()
+            if isinstance(cb, kind) and cb.every_n_epochs
+            for name in names
+            if name not in trainer.callback_metrics
+        )
+        later_note = f"; its callbacks log later: {', '.join(coming)}" if coming else ""
         raise UnknownMonitorError(
             f"--checkpoint.monitor {self.monitor!r} is not a metric this run logs (validation logged: {logged}"
             f"{later_note})"

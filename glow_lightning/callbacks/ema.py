@@ -37,12 +37,6 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 from typing_extensions import override
 
 
-@torch.no_grad()
-def ema_update(ema_param: torch.Tensor, current_param: torch.Tensor, num_averaged: Any, decay: float) -> torch.Tensor:
-    """torch's EMA update (``swa_utils.get_ema_avg_fn``), as a module-level function that pickles."""
-    return decay * ema_param + (1 - decay) * current_param
-
-
 def warmed_up_decay(decay: float, num_averaged: torch.Tensor) -> torch.Tensor:
     """``min(decay, (1 + n) / (10 + n))`` after ``n`` updates (TensorFlow's ExponentialMovingAverage with
     ``num_updates``): 0.18, 0.25, 0.31, ... at first, ``decay`` after ``(10 decay - 1) / (1 - decay)`` updates
@@ -95,9 +89,9 @@ class GlowEMA(EMAWeightAveraging):
             update_every_n_steps=update_every_n_steps,
             update_starting_at_step=update_starting_at_step,
         )
-        # Lightning's averaging function is torch's get_ema_avg_fn, a closure: the callback could not be pickled,
-        # so `--trainer.strategy ddp_spawn` failed before training ("Can't pickle local object ... ema_update");
-        # and a per-parameter function: torch loops over the parameters in Python. This one is foreach.
+        # Lightning's averaging function is torch's get_ema_avg_fn: a closure, so the callback could not be pickled
+        # and `--trainer.strategy ddp_spawn` failed before training ("Can't pickle local object ... ema_update"),
+        # and a per-parameter function, which torch calls in a Python loop. This one is module-level and foreach.
         self._kwargs.pop("avg_fn", None)
         self._kwargs["multi_avg_fn"] = functools.partial(
             ema_multi_update, decay=0.0 if decay is None else decay, warmup=warmup

@@ -748,14 +748,12 @@ def main(args: list[str] | None = None) -> GlowCLI | None:
 def data_hint(err: Exception) -> str:
     """A checkpoint of another architecture in a value the datamodule sets (num_classes, n_bits, image size,
     channels): say so, and name the option where every datamodule has one."""
-    if not isinstance(err, CheckpointMismatchError):
-        return ""
-    found = dict(re.findall(r"\b(num_classes|n_bits|image_size|in_channels): checkpoint (\d+)", str(err)))
+    found = getattr(err, "differ", {}).keys() & set(LINKED_FROM_DATA.values())  # CheckpointMismatchError's
     if not found:
         return ""
-    options = [f"--data.n_bits {found['n_bits']}"] if "n_bits" in found else []
+    options = [f"--data.n_bits {err.differ['n_bits']}"] if "n_bits" in found else []
     if "num_classes" in found:
-        options.append(f"--data.class_conditional {'true' if int(found['num_classes']) else 'false'}")
+        options.append(f"--data.class_conditional {'true' if err.differ['num_classes'] else 'false'}")
     return "; the data sets these: pass the config the run was trained with" + (
         f", or {' '.join(options)}" if options else ""
     )

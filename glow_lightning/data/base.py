@@ -174,6 +174,9 @@ def collate(batch: list) -> dict:
 NOT_RESUMABLE = "You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not"
 
 
+SEED_STRIDE = 100_003  # an epoch's order is seeded with seed * SEED_STRIDE + epoch: seeds do not share orders
+
+
 class EpochRandomSampler(RandomSampler):
     """A RandomSampler whose order is a function of (seed, epoch): exact on resume.
 
@@ -191,7 +194,7 @@ class EpochRandomSampler(RandomSampler):
         self.epoch = epoch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)  # as EpochDistributedSampler's
+        g = torch.Generator().manual_seed(self.seed * SEED_STRIDE + self.epoch)  # as EpochDistributedSampler's
         start, self.start = self.start, 0
         return iter(torch.randperm(len(self.data_source), generator=g)[start:].tolist())
 
@@ -208,7 +211,7 @@ class EpochDistributedSampler(DistributedSampler):
 
     def __init__(self, dataset, num_replicas: int, rank: int, seed: int = 0, epoch: int = 0, start: int = 0):
         # DistributedSampler's permutation is seeded with seed + epoch: EpochRandomSampler's generator
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed * 100_003)
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed * SEED_STRIDE)
         self.epoch, self.start = epoch, start
 
     def __iter__(self):
